@@ -1,0 +1,21 @@
+"""autoguidance: guide a diffusion model with a bad version of itself.
+
+Autoguidance (Karras et al. 2024), in-situ autoguidance (2025), classifier-free guidance and guidance intervals
+for any PyTorch denoiser `D(x, sigma, labels=None) -> x0_hat` (EDM convention), in one weight convention:
+
+    D_w = D_bad + w (D_good - D_bad)          (w = 1: no guidance; the in-situ paper's w' is w - 1)
+"""
+from .checkpoint import load, save, shipped
+from .denoiser import Denoiser, EDMPrecond
+from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance, insitu, insitu_weight,
+                       no_guidance, perturbation_guidance)
+from .perturb import Dropout, list_sites
+from .sampling import generate, sample_euler, sample_heun, sigmas_karras
+from .schedules import Constant, Interval, Ramp
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide", "Pass", "autoguidance", "cfg",
+           "cfg_autoguidance", "insitu", "insitu_weight", "no_guidance", "perturbation_guidance", "Dropout",
+           "list_sites", "generate", "sample_euler", "sample_heun", "sigmas_karras", "Constant", "Interval", "Ramp",
+           "__version__"]

@@ -1,0 +1,130 @@
+"""Checkpoints: a folder with `model.safetensors` (tensors only) and `config.json` (family, constructor
+settings, provenance). Loading never executes code from the checkpoint: tensors come from safetensors, the
+network is built by this library's own constructor for the named family.
+
+    autoguidance.load("toy-logp-main")       # a shipped checkpoint, by name (see `shipped()`)
+    autoguidance.load("runs/my-model")       # a folder written by `save` or `autoguidance toy train`
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .io import write_json
+
+__all__ = ["save", "load", "load_config", "shipped", "register_family", "WEIGHTS_DIR", "CheckpointError"]
+
+FORMAT = "autoguidance-checkpoint"
+VERSION = 1
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+_FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its config."""
+
+
+def register_family(name: str, constructor: Callable[..., torch.nn.Module]) -> None:
+    """Make `load` able to build networks of family `name` from their JSON config."""
+    _FAMILIES[name] = constructor
+
+
+def _constructor(family: str):
+    if not _FAMILIES:  # built-in families, registered lazily to keep imports light
+        from .nets import register_builtin_families
+        register_builtin_families()
+    if family not in _FAMILIES:
+        raise CheckpointError(f"unknown network family {family!r}; known: {sorted(_FAMILIES)}. "
+                              "Register it with autoguidance.checkpoint.register_family(name, constructor)")
+    return _FAMILIES[family]
+
+
+def shipped() -> dict[str, dict]:
+    """The manifest of checkpoints shipped in the package: name -> record (path, command, notes)."""
+    manifest = WEIGHTS_DIR / "manifest.json"
+    if not manifest.exists():
+        return {}
+    return json.loads(manifest.read_text())["checkpoints"]
+
+
+def _resolve(name_or_path) -> Path:
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    names = shipped()
+    if str(name_or_path) in names:
+        return WEIGHTS_DIR / names[str(name_or_path)]["path"]
+    close = difflib.get_close_matches(str(name_or_path), list(names), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise FileNotFoundError(f"no checkpoint {str(name_or_path)!r}: not a folder, nor a shipped name.{hint} "
+                            f"Shipped: {', '.join(sorted(names)) or '(none)'}. A checkpoint folder holds "
+                            "model.safetensors and config.json.")
+
+
+def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
+    """Write `model` (which must have `.family` and `.config`) to the folder `path`, atomically."""
+    from safetensors.torch import save_file
+
+    family = getattr(model, "family", None)
+    config = getattr(model, "config", None)
+    if family is None or config is None:
+        raise TypeError("save() needs a network with .family and .config attributes (the library's nets have them)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        write_json(tmp / "config.json", {"format": FORMAT, "version": VERSION, "family": family,
+                                         "config": config, "meta": meta or {}})
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def load_config(name_or_path) -> dict:
+    path = _resolve(name_or_path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} has no config.json: not an autoguidance checkpoint folder")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt, save it again") from e
+    if cfg.get("format") != FORMAT or "family" not in cfg or "config" not in cfg:
+        raise CheckpointError(f"{cfg_file} is not an {FORMAT} config (needs 'format', 'family', 'config')")
+    return cfg
+
+
+def load(name_or_path, device="cpu") -> torch.nn.Module:
+    """Build the network of a shipped or saved checkpoint and load its weights. Returns an eval-mode denoiser
+    module with gradients off. Raises FileNotFoundError / CheckpointError with the fix when anything is off."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _resolve(name_or_path)
+    cfg = load_config(path)
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{path} has config.json but no model.safetensors")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}); the file is corrupt or truncated, save it again") from e
+    model = _constructor(cfg["family"])(**cfg["config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not match its config.json ({cfg['family']} {cfg['config']}): {e}") from e
+    model.checkpoint_meta = cfg.get("meta", {})
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,234 @@
+"""Guidance = passes + a combination. A guided denoiser is again a denoiser.
+
+Every method evaluates a main pass `D_main` and one or more guide passes `D_i`, and combines them as
+
+    D = D_main + sum_i (w_i(sigma) - 1) (D_main - D_i)                     (Karras et al. 2024, App. B.2)
+
+which for one guide is the usual `D_w = D_bad + w (D_good - D_bad)` (w = 1: no guidance). A pass names which
+net, whether labels are dropped, and which perturbation:
+
+| method                      | main pass           | guide pass                                    |
+|-----------------------------|---------------------|-----------------------------------------------|
+| `cfg`                       | net(x, labels)      | net(x, no label) or a separate uncond net     |
+| `autoguidance`              | net                 | a smaller / shorter-trained guide net         |
+| `insitu`                    | net                 | the same net, dropout on (in-situ, 2025)      |
+| `perturbation_guidance`     | net                 | the same net under any `Perturbation`         |
+| `cfg_autoguidance`          | net                 | uncond net at w_u, bad conditional at w_c     |
+
+Passes of the same net (differing only in labels or a per-row perturbation) run as ONE batched forward call;
+`max_batch` bounds the rows of any call. Rows whose `w_i(sigma) = 1` skip guide i entirely.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .denoiser import as_sigma, check_labels, check_x
+from .perturb import Dropout, Perturbation, Where
+from .rng import current_keys
+from .schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
+
+__all__ = ["Pass", "Guide", "Guided", "no_guidance", "cfg", "autoguidance", "insitu", "perturbation_guidance",
+           "cfg_autoguidance", "insitu_weight"]
+
+
+@dataclass(frozen=True, eq=False)
+class Pass:
+    """One prediction a method needs."""
+
+    net: Callable                                 # a denoiser D(x, sigma, labels)
+    drop_labels: bool = False                     # evaluate unconditionally (labels None, or zero rows)
+    perturbation: Optional[Perturbation] = None   # degrade this pass (in-situ guidance)
+    module: Optional[torch.nn.Module] = None      # where the perturbation's hooks go (default: net)
+
+    def hook_target(self) -> torch.nn.Module:
+        target = self.module if self.module is not None else self.net
+        if not isinstance(target, torch.nn.Module):
+            raise TypeError("a perturbed pass needs a torch.nn.Module to hook: pass module=<the network> when the "
+                            "denoiser is a plain function")
+        return target
+
+
+@dataclass(frozen=True, eq=False)
+class Guide:
+    pass_: Pass
+    w: Schedule
+
+
+def _weight(w: ScheduleLike, interval: Optional[tuple[float, float]]) -> Schedule:
+    if interval is not None:
+        if isinstance(w, Schedule):
+            raise ValueError("give either a Schedule for w or interval=(sigma_lo, sigma_hi) with a number, not both")
+        lo, hi = interval
+        return as_schedule(Interval(check_weight(w), lo, hi))
+    return as_schedule(w)
+
+
+class Guided:
+    """A guided denoiser: `D = D_main + sum_i (w_i(sigma) - 1) (D_main - D_i)`.
+
+    `stats` counts the rows evaluated per pass (main, guide0, ...), so skipped passes show.
+    """
+
+    def __init__(self, main: Union[Pass, Callable], guides: Sequence[Guide] = (), max_batch: Optional[int] = None):
+        self.main = main if isinstance(main, Pass) else Pass(main)
+        self.guides = list(guides)
+        if max_batch is not None and (int(max_batch) != max_batch or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        self.max_batch = max_batch
+        self.stats: Counter = Counter()
+
+    def __repr__(self) -> str:
+        gs = ", ".join(f"{g.w} x {type(g.pass_.net).__name__}"
+                       f"{' (no label)' if g.pass_.drop_labels else ''}"
+                       f"{' + ' + g.pass_.perturbation.name if g.pass_.perturbation else ''}" for g in self.guides)
+        return f"Guided(main={type(self.main.net).__name__}, guides=[{gs}])"
+
+    # -- the combination -------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_x(x)
+        sigma = as_sigma(sigma, x)
+        labels = check_labels(labels, len(x))
+        all_rows = torch.arange(len(x), device=x.device)
+        ws = [g.w(sigma).to(x.dtype) for g in self.guides]
+        jobs = [(self.main, all_rows)]   # (pass, rows it is needed for)
+        active = []                      # guide index of each job after the main one
+        for i, (g, w) in enumerate(zip(self.guides, ws)):
+            rows = torch.nonzero(w != 1).flatten()
+            if len(rows):
+                jobs.append((g.pass_, rows))
+                active.append(i)
+        outs = self._evaluate(jobs, x, sigma, labels)
+        self.stats["main"] += len(x)
+        D_main = outs[0]
+        D = D_main.clone()
+        for i, (_, rows), out in zip(active, jobs[1:], outs[1:]):
+            self.stats[f"guide{i}"] += len(rows)
+            w = ws[i][rows].reshape(-1, *([1] * (x.ndim - 1)))
+            D[rows] += (w - 1) * (D_main[rows] - out)
+        return D
+
+    # -- evaluation of passes, batched per net -----------------------------------------------------------------
+    def _evaluate(self, jobs, x, sigma, labels) -> list[torch.Tensor]:
+        keys = current_keys(len(x))
+        results: list[Optional[torch.Tensor]] = [None] * len(jobs)
+        for call in _plan_calls(jobs):
+            self._run_call(call, jobs, x, sigma, labels, keys, results)
+            self.stats["forward_calls"] += 1
+        return results  # type: ignore[return-value]
+
+    def _run_call(self, call: list[int], jobs, x, sigma, labels, keys, results) -> None:
+        net = jobs[call[0]][0].net
+        pert = next((jobs[j][0] for j in call if jobs[j][0].perturbation is not None), None)
+        xs, ss, ls, ks, degraded = [], [], [], [], []
+        any_labels = labels is not None and any(not jobs[j][0].drop_labels for j in call)
+        for j in call:
+            p, rows = jobs[j]
+            xs.append(x[rows])
+            ss.append(sigma[rows])
+            ks.append(keys[rows])
+            degraded.append(torch.full((len(rows),), p.perturbation is not None, dtype=torch.bool, device=x.device))
+            if any_labels:
+                ls.append(torch.zeros_like(labels[rows]) if p.drop_labels else labels[rows])
+        xc, sc, kc, dc = torch.cat(xs), torch.cat(ss), torch.cat(ks), torch.cat(degraded)
+        lc = torch.cat(ls) if any_labels else None
+        if pert is not None:
+            xc, sc = pert.perturbation.transform_inputs(xc, sc, dc, kc)
+        n = len(xc)
+        step = self.max_batch or n
+        outs = []
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            lab = lc[a:b] if lc is not None else None
+            if pert is not None and bool(dc[a:b].any()):
+                with pert.perturbation.active(pert.hook_target(), dc[a:b], kc[a:b], sc[a:b]):
+                    outs.append(net(xc[a:b], sc[a:b], lab))
+            else:
+                outs.append(net(xc[a:b], sc[a:b], lab))
+        out = torch.cat(outs)
+        start = 0
+        for j in call:
+            m = len(jobs[j][1])
+            results[j] = out[start:start + m]
+            start += m
+
+
+def _plan_calls(jobs) -> list[list[int]]:
+    """Group job indices into forward calls: same net, and at most one distinct perturbation per call."""
+    calls: list[list[int]] = []
+    for j, (p, _) in enumerate(jobs):
+        for call in calls:
+            q = jobs[call[0]][0]
+            perts = {jobs[k][0].perturbation for k in call} - {None}
+            if q.net is p.net and (p.perturbation is None or not perts or perts == {p.perturbation}) \
+                    and (p.perturbation is None or all(jobs[k][0].hook_target() is p.hook_target()
+                                                       for k in call if jobs[k][0].perturbation is not None)):
+                call.append(j)
+                break
+        else:
+            calls.append([j])
+    return calls
+
+
+# -- the methods -----------------------------------------------------------------------------------------------
+
+def no_guidance(net: Callable) -> Guided:
+    """The net alone (a `Guided` with no guide, for uniform handling)."""
+    return Guided(Pass(net))
+
+
+def cfg(net: Callable, w: ScheduleLike, *, uncond: Optional[Callable] = None,
+        interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None) -> Guided:
+    """Classifier-free guidance: guide = the same net without labels (one batched call), or a separate
+    unconditional net `uncond`. `interval=(sigma_lo, sigma_hi)` applies w only there (guidance interval)."""
+    guide = Pass(uncond if uncond is not None else net, drop_labels=True)
+    return Guided(Pass(net), [Guide(guide, _weight(w, interval))], max_batch)
+
+
+def autoguidance(net: Callable, guide: Callable, w: ScheduleLike, *,
+                 interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None) -> Guided:
+    """Autoguidance (Karras et al. 2024): guide = a smaller and/or shorter-trained model of the same task."""
+    return Guided(Pass(net), [Guide(Pass(guide), _weight(w, interval))], max_batch)
+
+
+def perturbation_guidance(net: Callable, w: ScheduleLike, perturbation: Perturbation, *,
+                          module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
+                          max_batch: Optional[int] = None) -> Guided:
+    """Guide a net with itself under a perturbation; both passes share one batched forward call."""
+    if not isinstance(perturbation, Perturbation):
+        raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got {type(perturbation).__name__}")
+    return Guided(Pass(net), [Guide(Pass(net, perturbation=perturbation, module=module), _weight(w, interval))],
+                  max_batch)
+
+
+def insitu(net: Callable, w: ScheduleLike, p: ScheduleLike = 0.1, *, where: Where = None, mode: str = "element",
+           module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
+           max_batch: Optional[int] = None) -> Guided:
+    """In-situ autoguidance (2025): guide = the same net with dropout `p` switched on at `where` (default: its
+    `torch.nn.Dropout` modules). The paper's `w'` is `w = w' + 1` (see `insitu_weight`)."""
+    return perturbation_guidance(net, w, Dropout(p, where, mode), module=module, interval=interval,
+                                 max_batch=max_batch)
+
+
+def cfg_autoguidance(net: Callable, guide: Callable, w: float, a: float, *, uncond: Optional[Callable] = None,
+                     max_batch: Optional[int] = None) -> Guided:
+    """CFG and autoguidance together (Karras et al. 2024, App. B.2):
+    `D = D_m + (w_u - 1)(D_m - D_uncond) + (w_c - 1)(D_m - D_guide)`, `w_u = (1-a)(w-1)+1`, `w_c = a(w-1)+1`.
+    `a = 0` is pure CFG, `a = 1` pure autoguidance."""
+    w = check_weight(w)
+    if not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0):
+        raise ValueError(f"mixing ratio a must be in [0, 1], got {a!r}")
+    w_u, w_c = (1 - a) * (w - 1) + 1, a * (w - 1) + 1
+    return Guided(Pass(net), [Guide(Pass(uncond if uncond is not None else net, drop_labels=True), as_schedule(w_u)),
+                              Guide(Pass(guide), as_schedule(w_c))], max_batch)
+
+
+def insitu_weight(w_prime: float) -> float:
+    """Convert the in-situ paper's `D_good + w' (D_good - D_bad)` weight to this library's `w = w' + 1`."""
+    if isinstance(w_prime, bool) or not isinstance(w_prime, (int, float)) or not math.isfinite(w_prime):
+        raise ValueError(f"w' must be a finite number, got {w_prime!r}")
+    return check_weight(w_prime + 1.0, "w = w' + 1")

@@ -1,0 +1,1 @@
+"""Metrics: exact metrics of the 2D toy (`metrics.toy`)."""

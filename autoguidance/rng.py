@@ -1,0 +1,129 @@
+"""Per-sample randomness that does not depend on batch size.
+
+Two sources, both keyed by the image's seed:
+
+- `StackedGenerators`: one `torch.Generator` per image, for the sampler's initial noise and churn noise
+  (as EDM2's per-image seeding). Image i's noise is the same in a batch of 1000 or in four batches of 250.
+- `hash_uniform` / `hash_normal`: counter-based random numbers (a splitmix64 hash of key and element index),
+  for perturbations that run on every denoiser call. A per-row key mixes the image seed, the denoiser-call
+  index and the perturbation site, so a masked pass reproduces from the seed whatever rows it shares a batch
+  with, at no per-row generator cost.
+
+The sampler publishes the current rows' seeds and the call index through `noise_context`; perturbations read
+it with `current_keys`. Outside a sampler (a plain `D(x, sigma)` call) keys fall back to the row index.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = ["StackedGenerators", "as_seeds", "hash_uniform", "hash_normal", "mix_keys", "noise_context",
+           "current_keys"]
+
+_M64 = (1 << 64) - 1
+
+
+def _s64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores (two's complement wraparound)."""
+    c &= _M64
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_GOLDEN = _s64(0x9E3779B97F4A7C15)
+_MUL1 = _s64(0xBF58476D1CE4E5B9)
+_MUL2 = _s64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def mix_keys(keys: torch.Tensor, *salts: int) -> torch.Tensor:
+    """Derive new int64 keys from `keys` `[N]` and integer salts (call index, site index, ...)."""
+    k = keys.to(torch.int64)
+    for s in salts:
+        k = _splitmix(k ^ _s64(int(s) * 0x632BE59BD9B4E019 + 1))
+    return k
+
+
+def hash_uniform(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Uniform numbers in [0, 1) of shape `[N, *shape]`, row n a pure function of `keys[n]`."""
+    numel = math.prod(shape)
+    idx = torch.arange(numel, dtype=torch.int64, device=keys.device)
+    h = _splitmix(_splitmix(keys.to(torch.int64))[:, None] ^ idx[None, :])
+    u = _shr(h, 40).to(torch.float32) * (1.0 / (1 << 24))  # top 24 bits: exact in float32
+    return u.view(len(keys), *shape)
+
+
+def hash_normal(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal numbers `[N, *shape]` (Box-Muller on two hashed uniforms), row n a function of keys[n]."""
+    numel = math.prod(shape)
+    u = hash_uniform(keys, (2, numel))
+    u1 = u[:, 0].clamp_min(1.0 / (1 << 25))
+    return ((-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u[:, 1])).view(len(keys), *shape)
+
+
+def as_seeds(seeds) -> torch.Tensor:
+    """Seeds as an int64 `[N]` tensor (accepts range, list, or tensor)."""
+    t = torch.as_tensor(list(seeds) if isinstance(seeds, (range, Iterable)) and not isinstance(seeds, torch.Tensor)
+                        else seeds, dtype=torch.int64)
+    if t.ndim != 1:
+        raise ValueError(f"seeds must be a 1-D sequence of integers, got shape {list(t.shape)}")
+    return t
+
+
+class StackedGenerators:
+    """One `torch.Generator` per image seed; `randn(shape)` stacks one draw per image: `[N, *shape]`."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.seeds = as_seeds(seeds)
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 63)) for s in self.seeds]
+        self.device = device
+
+    def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[1:], dtype=x.dtype)
+
+
+@dataclass(frozen=True)
+class _NoiseState:
+    seeds: torch.Tensor  # [N] int64 image seeds of the rows of the current denoiser call
+    call: int            # index of the denoiser evaluation within the sampling run
+
+
+_STATE: contextvars.ContextVar[Optional[_NoiseState]] = contextvars.ContextVar("autoguidance_noise", default=None)
+
+
+@contextmanager
+def noise_context(seeds: torch.Tensor, call: int):
+    """Declare, for denoiser calls inside the block, the image seed of each row and the call index."""
+    token = _STATE.set(_NoiseState(as_seeds(seeds), int(call)))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
+
+
+def current_keys(n: int) -> torch.Tensor:
+    """Per-row keys for a batch of `n` rows in the current context: `mix(seed_row, call)`.
+    Without a matching context (no sampler, or a batch of another size), the row index stands for the seed."""
+    state = _STATE.get()
+    if state is not None and len(state.seeds) == n:
+        return mix_keys(state.seeds, state.call)
+    return mix_keys(torch.arange(n, dtype=torch.int64), -1)

@@ -1,0 +1,138 @@
+"""Samplers: small plain functions with one signature, in the EDM convention (Karras et al. 2022).
+
+    sigmas = sigmas_karras(32, sigma_min=0.002, sigma_max=80, rho=7)        # [33], last entry 0
+    x = sample_heun(D, sigmas[0] * noise, sigmas, seeds=seeds)            # EDM Algorithm 2
+
+Every sampler takes a denoiser `D(x, sigma, labels)`, the initial `x` at `sigmas[0]`, and the decreasing noise
+levels ending in 0. `seeds` (one per row) drive the churn noise (one generator per image) and the per-row
+keys of any perturbation inside D, so the result of a row depends only on its seed, not on the batch it is in.
+`generate` draws the initial noise from the seeds and runs a sampler.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import tqdm
+
+from .rng import StackedGenerators, as_seeds, noise_context
+
+__all__ = ["sigmas_karras", "sample_euler", "sample_heun", "generate", "SAMPLERS"]
+
+
+def sigmas_karras(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  dtype=torch.float32) -> torch.Tensor:
+    """EDM time steps (Karras et al. 2022, Eq. 5), with sigma_N = 0 appended: `[num_steps + 1]`.
+
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0..N-1
+    """
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError(f"sigma_min and sigma_max must be finite and > 0, got {sigma_min}, {sigma_max}")
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma range is inverted or empty: sigma_min={sigma_min} >= sigma_max={sigma_max}")
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    ramp = torch.linspace(0, 1, int(num_steps), dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (a + ramp * (b - a)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def _check_sigmas(sigmas: torch.Tensor) -> None:
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels (use sigmas_karras)")
+    if bool((sigmas[:-1] <= 0).any()) or bool((sigmas[1:] > sigmas[:-1]).any()) or bool((sigmas < 0).any()):
+        raise ValueError("sigmas must be positive and decreasing, ending in 0 (or a positive minimum)")
+
+
+def _churn(sigma: float, S_churn: float, S_min: float, S_max: float, num_steps: int) -> float:
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) for sigma_i in [S_min, S_max], else 0 (EDM Algorithm 2, line 4)."""
+    return min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= sigma <= S_max else 0.0
+
+
+def _bar(n: int, progress: bool, desc: Optional[str]):
+    return tqdm.tqdm(range(n), disable=not progress, desc=desc or "sampling", unit="step", leave=False)
+
+
+def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, second_order):
+    _check_sigmas(sigmas)
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    n = len(x)
+    seeds = as_seeds(seeds) if seeds is not None else torch.arange(n, dtype=torch.int64)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {n}: pass one seed per row")
+    gens = StackedGenerators(seeds, x.device) if S_churn > 0 else None
+    num_steps = len(sigmas) - 1
+    call = 0
+
+    def denoise(x_, s_):
+        nonlocal call
+        with noise_context(seeds, call):
+            out = D(x_, torch.full((n,), s_, dtype=x_.dtype, device=x_.device), labels)
+        call += 1
+        return out
+
+    for i in _bar(num_steps, progress, desc):
+        t_cur, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = _churn(t_cur, S_churn, S_min, S_max, num_steps) if gens is not None else 0.0
+        t_hat = t_cur * (1 + gamma)
+        if gens is not None:  # x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps; eps is drawn on every step, as
+            eps = gens.randn_like(x)  # EDM and k-diffusion do, so the noise streams line up with theirs
+            if gamma > 0:
+                x = x + math.sqrt(t_hat**2 - t_cur**2) * S_noise * eps
+        denoised = denoise(x, t_hat)
+        d_cur = (x - denoised) / t_hat                      # dx/dsigma = (x - D(x; sigma)) / sigma
+        x_next = x + (t_next - t_hat) * d_cur               # Euler step
+        if second_order and t_next > 0:                     # Heun correction (Algorithm 2, lines 9-11)
+            d_next = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
+        if callback is not None:
+            callback({"i": i, "x": x_next, "sigma": t_cur, "sigma_hat": t_hat, "sigma_next": t_next,
+                      "denoised": denoised})
+        x = x_next
+    return x
+
+
+def sample_euler(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                 seeds=None, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
+                 S_noise: float = 1.0, callback: Optional[Callable] = None, progress: bool = True,
+                 desc: Optional[str] = None) -> torch.Tensor:
+    """Euler (first order) on the probability-flow ODE, with optional churn: one D call per step."""
+    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, False)
+
+
+def sample_heun(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                seeds=None, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
+                S_noise: float = 1.0, callback: Optional[Callable] = None, progress: bool = True,
+                desc: Optional[str] = None) -> torch.Tensor:
+    """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2); deterministic with S_churn = 0.
+    2N - 1 D calls for N steps (the last step, to sigma = 0, is Euler)."""
+    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, True)
+
+
+SAMPLERS = {"heun": sample_heun, "euler": sample_euler}
+
+
+def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch.Tensor] = None,
+             sampler: str = "heun", num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0,
+             rho: float = 7.0, batch: Optional[int] = None, device="cpu", **sampler_kwargs) -> torch.Tensor:
+    """Sample one image per seed: noise `N(0, sigma_max^2)` from one generator per seed, then `sampler`.
+
+    `shape` is one sample's shape (e.g. `[2]` or `[1, 8, 8]`); returns `[len(seeds), *shape]`. `batch` splits
+    the seeds into batches; the output does not depend on it."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
+    seeds = as_seeds(seeds)
+    sigmas = sigmas_karras(num_steps, sigma_min, sigma_max, rho)
+    batch = batch or max(len(seeds), 1)
+    outs = []
+    for a in range(0, len(seeds), batch):
+        s = seeds[a:a + batch]
+        x = StackedGenerators(s, device).randn(shape) * sigmas[0]
+        lab = labels[a:a + batch] if labels is not None else None
+        outs.append(SAMPLERS[sampler](D, x, sigmas.to(device), labels=lab, seeds=s, **sampler_kwargs))
+    return torch.cat(outs) if outs else torch.zeros(0, *shape)

@@ -1,0 +1,133 @@
+"""Schedules of a value over the noise level: the guidance weight `w(sigma)` and perturbation strength `p(sigma)`.
+
+A schedule is a callable `sigma [N] -> value [N]`. It is a function of sigma, never of a step index: sigma is what
+the papers and users reason in, and it does not change with the number of sampling steps.
+
+    Constant(2.0)                                  w = 2 everywhere
+    Interval(2.1, sigma_lo=0.28, sigma_hi=2.9)     w = 2.1 for sigma in (0.28, 2.9], 1 elsewhere (Kynkaanniemi et al.)
+    Ramp(3.0, 1.0, sigma_from=5.0, sigma_to=0.05)  3 at sigma >= 5, 1 at sigma <= 0.05, linear in log sigma between
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+__all__ = ["Schedule", "Constant", "Interval", "Ramp", "as_schedule", "check_weight", "check_probability"]
+
+
+def _finite(v: float, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def check_weight(w: float, what: str = "guidance weight w") -> float:
+    """A guidance weight in `D_bad + w (D_good - D_bad)`: finite and >= 0 (1 = no guidance, 0 = D_bad alone)."""
+    w = _finite(w, what)
+    if w < 0:
+        raise ValueError(f"{what} must be >= 0 in the convention D_bad + w (D_good - D_bad) (w = 1: no guidance), "
+                         f"got {w}. If you have the in-situ paper's w', use w = w' + 1 (insitu_weight).")
+    return w
+
+
+def check_probability(p: float, what: str = "dropout probability p") -> float:
+    p = _finite(p, what)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {p}")
+    return p
+
+
+def _check_sigma_range(lo: float, hi: float) -> tuple[float, float]:
+    lo = _finite(lo, "sigma_lo")
+    hi = _finite(hi, "sigma_hi") if hi != math.inf else math.inf
+    if lo < 0 or hi <= 0:
+        raise ValueError(f"sigma bounds must be non-negative (sigma_hi > 0), got ({lo}, {hi}]")
+    if lo >= hi:
+        raise ValueError(f"sigma range is inverted or empty: ({lo}, {hi}]; pass sigma_lo < sigma_hi")
+    return lo, hi
+
+
+class Schedule:
+    """Base class: `__call__(sigma [N]) -> [N]` values; `is_constant_one` lets a guide skip its pass."""
+
+    check: Callable[[float, str], float] = staticmethod(check_weight)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def values(self) -> list[float]:
+        """Every value the schedule can take (for validation)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    value: float
+
+    def __call__(self, sigma):
+        return torch.full_like(torch.as_tensor(sigma, dtype=torch.float32), self.value)
+
+    def values(self):
+        return [self.value]
+
+
+@dataclass(frozen=True)
+class Interval(Schedule):
+    """`inside` for sigma in (sigma_lo, sigma_hi], `outside` elsewhere (the guidance interval of Kynkaanniemi
+    et al. 2024 with the default outside = 1; for a perturbation strength use outside = 0)."""
+
+    inside: float
+    sigma_lo: float = 0.0
+    sigma_hi: float = math.inf
+    outside: float = 1.0
+
+    def __post_init__(self):
+        _check_sigma_range(self.sigma_lo, self.sigma_hi)
+
+    def __call__(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        inside = (sigma > self.sigma_lo) & (sigma <= self.sigma_hi)
+        return torch.where(inside, torch.full_like(sigma, self.inside, dtype=torch.float32),
+                           torch.full_like(sigma, self.outside, dtype=torch.float32))
+
+    def values(self):
+        return [self.inside, self.outside]
+
+
+@dataclass(frozen=True)
+class Ramp(Schedule):
+    """`start` at sigma >= sigma_from, `end` at sigma <= sigma_to, linear in log(sigma) between."""
+
+    start: float
+    end: float
+    sigma_from: float = 5.0
+    sigma_to: float = 0.05
+
+    def __post_init__(self):
+        _check_sigma_range(self.sigma_to, self.sigma_from)
+        if self.sigma_to <= 0:
+            raise ValueError("Ramp needs sigma_to > 0 (it is linear in log sigma)")
+
+    def __call__(self, sigma):
+        s = torch.as_tensor(sigma, dtype=torch.float32)
+        t = (s.clamp_min(1e-30).log() - math.log(self.sigma_to)) / (math.log(self.sigma_from) - math.log(self.sigma_to))
+        return self.end + (self.start - self.end) * t.clamp(0, 1)
+
+    def values(self):
+        return [self.start, self.end]
+
+
+ScheduleLike = Union[float, int, Schedule]
+
+
+def as_schedule(v: ScheduleLike, what: str = "guidance weight w", check=check_weight) -> Schedule:
+    """A number becomes `Constant`; every value of a schedule is validated with `check`."""
+    sched = v if isinstance(v, Schedule) else Constant(check(v, what))
+    if not isinstance(sched, Schedule):  # pragma: no cover
+        raise TypeError(f"{what} must be a number or a Schedule, got {type(v).__name__}")
+    for value in sched.values():
+        check(value, what)
+    return sched

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet, and fair to a 2-core machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def state_snapshot(model: torch.nn.Module) -> dict:
+    """Everything that must be bit-identical after guided sampling: tensors, modes, hooks."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()},
+        "params": {k: (p.detach().clone(), p.requires_grad) for k, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()},
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["training"] == b["training"]
+    assert a["hooks"] == b["hooks"]
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    for k in a["params"]:
+        assert torch.equal(a["params"][k][0], b["params"][k][0]) and a["params"][k][1] == b["params"][k][1], k
