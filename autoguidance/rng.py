@@ -77,12 +77,16 @@ def hash_normal(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def as_seeds(seeds) -> torch.Tensor:
-    """Seeds as an int64 `[N]` tensor (accepts range, list, or tensor)."""
-    t = torch.as_tensor(list(seeds) if isinstance(seeds, (range, Iterable)) and not isinstance(seeds, torch.Tensor)
-                        else seeds, dtype=torch.int64)
-    if t.ndim != 1:
-        raise ValueError(f"seeds must be a 1-D sequence of integers, got shape {list(t.shape)}")
-    return t
+    """Seeds as an int64 `[N]` tensor (accepts a range, a list of ints, or a 1-D integer tensor)."""
+    if isinstance(seeds, torch.Tensor):
+        t = seeds
+    elif isinstance(seeds, Iterable) and not isinstance(seeds, (str, bytes)):
+        t = torch.as_tensor(list(seeds))
+    else:
+        raise TypeError(f"seeds must be a sequence of integers (e.g. range(100)), got {type(seeds).__name__}")
+    if t.ndim != 1 or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"seeds must be a 1-D sequence of integers, got dtype {t.dtype} and shape {list(t.shape)}")
+    return t.to(torch.int64)
 
 
 class StackedGenerators:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch
 
@@ -51,9 +51,7 @@ def _check_sigma_range(lo: float, hi: float) -> tuple[float, float]:
 
 
 class Schedule:
-    """Base class: `__call__(sigma [N]) -> [N]` values; `is_constant_one` lets a guide skip its pass."""
-
-    check: Callable[[float, str], float] = staticmethod(check_weight)
+    """Base class: `__call__(sigma [N]) -> [N]` values, as a function of the noise level only."""
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

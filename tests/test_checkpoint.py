@@ -64,3 +64,13 @@ def test_save_is_atomic_and_replaces(tmp_path):
     ag.save(tiny_denoiser_mlp(seed=1), tmp_path / "ck")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert not torch.equal(ag.load(tmp_path / "ck").raw.trunk.inp.weight, net.raw.trunk.inp.weight)
+
+
+def test_toy_nets_reject_wrong_shapes_and_labels():
+    net = ag.load("toy-logp-guide")
+    with pytest.raises(ValueError, match=r"shape \[N, 2\]"):
+        net(torch.zeros(4, 3), 1.0)
+    with pytest.raises(ValueError, match="2 axes"):
+        net(torch.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="takes labels=None"):
+        net(torch.zeros(4, 2), 1.0, torch.zeros(4, 10))

@@ -37,7 +37,10 @@ class ToyTrunk(torch.nn.Module):
         return y
 
 
-def _no_labels(labels, name: str) -> None:
+def _check_inputs(x, labels, name: str) -> None:
+    check_x(x, ndim=2, name="x")
+    if x.shape[1] != 2:
+        raise ValueError(f"{name} takes 2-D points x of shape [N, 2], got {list(x.shape)}")
     if labels is not None:
         raise ValueError(f"{name} is unconditional (trained on one class set) and takes labels=None; "
                          "condition by choosing the checkpoint's class set instead")
@@ -76,8 +79,7 @@ class LogDensityMLP(torch.nn.Module):
         return g
 
     def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
-        check_x(x, ndim=2, name="x")
-        _no_labels(labels, "LogDensityMLP")
+        _check_inputs(x, labels, "LogDensityMLP")
         sigma = as_sigma(sigma, x)
         return x + sigma[:, None] ** 2 * self.score(x, sigma)
 
@@ -108,6 +110,5 @@ class DenoiserMLP(EDMPrecond):
         self.config = dict(width=width, num_layers=num_layers, dropout=dropout, sigma_data=sigma_data)
 
     def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
-        check_x(x, ndim=2, name="x")
-        _no_labels(labels, "DenoiserMLP")
+        _check_inputs(x, labels, "DenoiserMLP")
         return super().forward(x, sigma, None)

@@ -1,0 +1,173 @@
+"""`autoguidance toy compat`: is a guide compatible? Measured exactly on the 2D toy.
+
+Guidance moves D_good along `delta = D_good - D_bad`. It helps where that direction agrees with the good
+model's true error `err = D_true - D_good` (D_true is the exact denoiser of the tree). On points drawn from
+the diffused truth p(x; sigma), per noise level:
+
+- `cos`: mean cosine between delta and err over points (1: guidance points straight at the truth; 0: unrelated;
+  < 0: guidance pushes away from it);
+- `w_star`: the single best weight at that sigma, `argmin_w E|D_bad + w delta - D_true|^2 = 1 + <delta, err> / <delta, delta>`;
+- `err_removed`: fraction of the good model's squared error that guidance at `w_star` removes (0 = none);
+- `delta_rms` / `err_rms`: sizes of the two vectors.
+
+This is RESEARCH.md open question 3 ("which perturbation is a compatible degradation?") in its exact form.
+Outputs: toy_compat.md, toy_compat.json, toy_compat.png (cos and w_star against sigma, one line per guide).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import load
+from ..guidance import Pass
+from ..io import atomic_path, write_json, write_text
+from ..perturb import Dropout, Perturbation
+from ..rng import mix_keys
+from ..toy.mixture import tree_mixture
+
+__all__ = ["GuideSpec", "guide_specs", "measure", "run_compat", "add_parser"]
+
+SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    key: str
+    main: str                              # shipped checkpoint of D_good
+    guide: str | None = None               # shipped checkpoint of D_bad (None: the main under `perturbation`)
+    perturbation: Perturbation | None = None
+
+
+def guide_specs() -> list[GuideSpec]:
+    specs = []
+    for fam in ("logp", "denoiser"):
+        specs += [
+            GuideSpec(f"{fam}: autoguidance guide (w32, T/8)", f"toy-{fam}-main", f"toy-{fam}-guide"),
+            GuideSpec(f"{fam}: CFG guide (unconditional AB)", f"toy-{fam}-main", f"toy-{fam}-uncond"),
+            GuideSpec(f"{fam}: in-situ dropout 0.1", f"toy-{fam}-main", perturbation=Dropout(0.1)),
+            GuideSpec(f"{fam}: in-situ dropout 0.1 on the dropout-trained main", f"toy-{fam}-main-dropout",
+                      perturbation=Dropout(0.1)),
+        ]
+    return specs
+
+
+def _bad_fn(spec: GuideSpec, main: torch.nn.Module, model: Callable[[str], torch.nn.Module]):
+    if spec.guide is not None:
+        return model(spec.guide)
+    p = Pass(main, perturbation=spec.perturbation)
+
+    def bad(x, sigma):
+        n = len(x)
+        keys = mix_keys(torch.arange(n, dtype=torch.int64), 77)
+        with p.perturbation.active(p.hook_target(), torch.ones(n, dtype=torch.bool), keys, sigma):
+            return main(x, sigma)
+    return bad
+
+
+def measure(D_good: Callable, D_bad: Callable, sigmas=SIGMAS, n: int = 4096, seed: int = 0,
+            classes: str = "A") -> list[dict]:
+    """Exact compatibility numbers at each sigma (see module docstring)."""
+    gt = tree_mixture(classes)
+    rows = []
+    for i, s in enumerate(sigmas):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        x = gt.sample(n, s, generator=g)
+        sig = torch.full((n,), float(s))
+        with torch.no_grad():
+            d_true = gt.denoise(x, sig).double()
+            d_good = D_good(x, sig).double()
+            d_bad = D_bad(x, sig).double()
+        delta, err = d_good - d_bad, d_true - d_good
+        dn, en = delta.norm(dim=1), err.norm(dim=1)
+        ok = (dn > 0) & (en > 0)
+        cos = ((delta * err).sum(1)[ok] / (dn[ok] * en[ok])).mean().item() if ok.any() else float("nan")
+        dd, de, ee = (delta * delta).sum().item(), (delta * err).sum().item(), (err * err).sum().item()
+        w_star = 1 + de / dd if dd > 0 else float("nan")
+        removed = (de * de / dd) / ee if dd > 0 and ee > 0 else 0.0
+        rows.append({"sigma": float(s), "cos": cos, "w_star": w_star, "err_removed": removed,
+                     "delta_rms": float(np.sqrt(dd / n)), "err_rms": float(np.sqrt(ee / n))})
+    return rows
+
+
+def run_compat(out="autoguidance-compat", n: int = 4096, seed: int = 0, sigmas=SIGMAS) -> dict:
+    cache: dict[str, torch.nn.Module] = {}
+
+    def model(name):
+        if name not in cache:
+            cache[name] = load(name)
+        return cache[name]
+
+    results = []
+    for spec in guide_specs():
+        main = model(spec.main)
+        results.append({"guide": spec.key, "rows": measure(main, _bad_fn(spec, main, model), sigmas, n, seed)})
+    record = {"settings": {"n": n, "seed": seed, "sigmas": list(sigmas)}, "guides": results}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "toy_compat.json", record)
+    write_text(out / "toy_compat.md", format_table(record))
+    _plot(record, out / "toy_compat.png")
+    return record
+
+
+def format_table(record: dict) -> str:
+    sig = record["settings"]["sigmas"]
+    lines = ["cos(D_good - D_bad, D_true - D_good), mean over points of the diffused truth, per sigma "
+             "(w* in brackets: the best single weight at that sigma):", "",
+             "| guide | " + " | ".join(f"σ={s:g}" for s in sig) + " |", "|---|" + "---|" * len(sig)]
+    for g in record["guides"]:
+        cells = [f"{r['cos']:+.2f} ({r['w_star']:.2f})" for r in g["rows"]]
+        lines.append(f"| {g['guide']} | " + " | ".join(cells) + " |")
+    lines += ["", f"{record['settings']['n']} points per sigma, seed {record['settings']['seed']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for g in record["guides"]:
+        s = [r["sigma"] for r in g["rows"]]
+        style = "-" if g["guide"].startswith("logp") else "--"
+        axes[0].plot(s, [r["cos"] for r in g["rows"]], style, marker="o", ms=3, label=g["guide"])
+        axes[1].plot(s, [r["w_star"] for r in g["rows"]], style, marker="o", ms=3, label=g["guide"])
+    axes[0].set_ylabel("cos(D_good - D_bad, D_true - D_good)")
+    axes[1].set_ylabel("best weight w* at this sigma")
+    axes[1].axhline(1.0, color="k", lw=0.5)
+    axes[0].axhline(0.0, color="k", lw=0.5)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("sigma")
+    axes[1].set_yscale("symlog", linthresh=2)
+    axes[0].legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("compat", help="exact compatibility of each guide on the 2D toy (cos of guidance "
+                       "direction with the true error, best w per sigma)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="autoguidance-compat", help="output folder")
+    p.add_argument("--n", type=int, default=4096, help="points per sigma")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    t0 = time.perf_counter()
+    record = run_compat(args.out, n=args.n, seed=args.seed)
+    print(format_table(record))
+    print(f"wrote {args.out}/toy_compat.md, toy_compat.json, toy_compat.png in {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install autoguidance into it. Usage: bash scripts/install.sh [test]
+# The CPU build of PyTorch is pinned first: a bare `torch` requirement can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip"
+$VPIP install -q --upgrade pip >/dev/null
+.venv/bin/python -c "import torch" 2>/dev/null || $VPIP install -q torch==2.13.0
+if [ "${1:-}" = "test" ]; then
+  $VPIP install -q -e ".[test]"
+  # k-diffusion is the reference sampler in the tests. Its package imports torchvision, which does not import
+  # beside the CPU torch build, so install it without dependencies; the tests load its `sampling` module alone.
+  $VPIP install -q --no-deps k-diffusion==0.1.1.post1
+else
+  $VPIP install -q -e .
+fi
