@@ -12,7 +12,7 @@ from .mixture import tree_mixture
 
 __all__ = ["VIEW", "truth_grid", "draw_panel", "panel_figure"]
 
-VIEW = (-0.15, 1.05, -0.2, 1.0)   # x0, x1, y0, y1: the class-A tree
+VIEW = (-0.65, 1.5, -0.7, 1.55)   # x0, x1, y0, y1: the whole class-A tree
 _RES = 320
 
 
@@ -42,7 +42,7 @@ def draw_panel(ax, samples: np.ndarray, title: str = "", classes: str = "A", vie
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=8.5)
+    ax.set_title(title, fontsize=7.5, pad=2)
     if subtitle:
         ax.text(0.02, 0.02, subtitle, transform=ax.transAxes, fontsize=6.5, va="bottom", family="monospace")
 
