@@ -76,7 +76,7 @@ def _start_points(n: int, seed: int) -> torch.Tensor:
     return tree_mixture("A").sample(n, SIGMA_MAX, generator=torch.Generator().manual_seed(seed))
 
 
-def run_demo(out="autoguidance-demo", n: int = 4096, seeds=(0, 1, 2), num_steps: int = 32,
+def run_demo(out="autoguidance-demo", n: int = 2048, seeds=(0, 1, 2), num_steps: int = 32,
              methods: list[str] | None = None, progress: bool = True) -> dict:
     """Sample every method for each seed, compute exact metrics, write the four output files. Returns the
     JSON record."""
@@ -174,7 +174,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the 2D toy: sample every guidance method from the shipped checkpoints, "
                        "write figure, table, numbers and samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="autoguidance-demo", help="output folder")
-    p.add_argument("--n", type=int, default=4096, help="points per seed")
+    p.add_argument("--n", type=int, default=2048, help="points per seed")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds (spread is over these)")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
     p.add_argument("--methods", default="", help="comma-separated subset of method keys (default: all)")
