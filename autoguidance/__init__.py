@@ -9,7 +9,7 @@ from .checkpoint import load, save, shipped
 from .denoiser import Denoiser, EDMPrecond
 from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance, insitu, insitu_weight,
                        no_guidance, perturbation_guidance)
-from .perturb import Dropout, list_sites
+from .perturb import BlockDrop, Dropout, IdentityAttention, InputNoise, WeightNoise, list_sites
 from .sampling import generate, sample_euler, sample_heun, sigmas_karras
 from .schedules import Constant, Interval, Ramp
 
@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide", "Pass", "autoguidance", "cfg",
            "cfg_autoguidance", "insitu", "insitu_weight", "no_guidance", "perturbation_guidance", "Dropout",
-           "list_sites", "generate", "sample_euler", "sample_heun", "sigmas_karras", "Constant", "Interval", "Ramp",
+           "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention", "list_sites", "generate", "sample_euler",
+           "sample_heun", "sigmas_karras", "Constant", "Interval", "Ramp",
            "__version__"]

@@ -2,6 +2,7 @@
 
     autoguidance demo [--out DIR]              the 2D toy: every method on the shipped checkpoints, figure + table
     autoguidance toy train --out DIR ...       train a toy network (exact score matching)
+    autoguidance toy compat                    exact compatibility of each guide: cos(D_good - D_bad, D_true - D_good)
     autoguidance models                        list the shipped checkpoints and the commands that made them
 
 Each subcommand lives in its own module, which provides `add_parser(subparsers)`; the parser it adds sets
@@ -23,12 +24,23 @@ def _command_line() -> str:
 
 SUBCOMMANDS = [
     "autoguidance.experiments.toy_demo",
+    "autoguidance.train_cli",
+    "autoguidance.experiments.digits",
+    "autoguidance.edm2_import",
+    "autoguidance.presets",
+    "autoguidance.sites_cli",
+    "autoguidance.sample_cli",
+    "autoguidance.metrics_cli",
+    "autoguidance.sweep_cli",
 ]
 
 
 def _add_toy(sub) -> None:
-    toy = sub.add_parser("toy", help="the 2D toy: training")
+    from .experiments import toy_compat
+
+    toy = sub.add_parser("toy", help="the 2D toy: training, compatibility of guides")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    toy_compat.add_parser(toy_sub)
     p = toy_sub.add_parser("train", help="train a toy network by exact score matching",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="checkpoint folder to write (safetensors + config.json)")

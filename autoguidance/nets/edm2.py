@@ -21,6 +21,11 @@ Module tree (every name below is a state-dict prefix, as in the official code):
 Differences from the official code that do not touch the state dict or the outputs:
 - every `EDM2Block` holds a `torch.nn.Dropout` submodule `dropout` (the official code calls the functional
   dropout), always called in the residual branch, so hooks can target `unet.enc.16x16_block0.dropout` etc.;
+- the mixing step of self-attention (softmax of q.k, applied to v) is a parameter-free submodule `attn`
+  (`EDM2Attention`) of the blocks that have attention, so hooks can target `unet.enc.16x16_block0.attn` and
+  perturbed-attention guidance can replace its attention map by the identity (`identity_attention`);
+- `EDM2Block.skip_path(x, emb)` computes the block without its residual branch and attention (its main branch),
+  for stochastic depth (`autoguidance.perturb.BlockDrop`);
 - `EDM2Precond.forward(x, sigma, labels=None)` follows this library's denoiser contract: `sigma` may be a
   scalar, inputs are validated with errors that name the expected shape, and `D` comes back in `x`'s dtype.
 
@@ -38,7 +43,7 @@ import torch
 from ..denoiser import as_sigma, check_labels, check_x
 from .mp import mp_cat, mp_silu, mp_sum, normalize
 
-__all__ = ["MPFourier", "MPConv", "pixel_norm", "resample", "EDM2Block", "EDM2UNet", "EDM2Precond",
+__all__ = ["MPFourier", "MPConv", "pixel_norm", "resample", "EDM2Attention", "EDM2Block", "EDM2UNet", "EDM2Precond",
            "PRESETS", "preset_config", "count_parameters"]
 
 
@@ -127,6 +132,23 @@ def resample(x: torch.Tensor, mode: str = "keep", fir: Sequence[float] = (1, 1))
 # ---------------------------------------------------------------------------------------------------------------
 # U-Net.
 
+class EDM2Attention(torch.nn.Module):
+    """The mixing step of EDM2's multi-head self-attention, without parameters (the q/k/v and output projections
+    are the block's `attn_qkv`, `attn_proj`): `q, k, v [N, heads, C/heads, HW] -> [N, heads, C/heads, HW]`,
+
+        out[:, h, :, i] = sum_j softmax_j(q_i . k_j / sqrt(C/heads)) v_j
+
+    with q, k, v pixel-normalised by the block. A module of its own so that hooks can reach it."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        logits = q.transpose(2, 3) @ (k / math.sqrt(q.shape[2]))  # [N, heads, HW_query, HW_key]
+        return v @ logits.softmax(dim=3).transpose(2, 3)  # [N, heads, C/heads, HW_query]
+
+    def identity_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The output with the attention map replaced by the identity (perturbed-attention guidance): `v`."""
+        return v
+
+
 class EDM2Block(torch.nn.Module):
     """Encoder ('enc') or decoder ('dec') block of the EDM2 U-Net, optionally with self-attention (paper Fig. 21).
 
@@ -134,8 +156,8 @@ class EDM2Block(torch.nn.Module):
     `resample_mode`). Main branch: resample; in the encoder also a 1x1 skip conv (if channels change) and pixel
     norm. Residual branch: MP-SiLU, 3x3 conv, modulation by `emb_linear(emb) * emb_gain + 1`, MP-SiLU,
     `self.dropout`, 3x3 conv. In the decoder the 1x1 skip conv comes after the residual branch. Branches join with
-    `mp_sum(., ., res_balance)`; then optional multi-head self-attention with pixel-normalised q, k, v, joined by
-    `mp_sum(., ., attn_balance)`; then clipping to `[-clip_act, clip_act]`.
+    `mp_sum(., ., res_balance)`; then optional multi-head self-attention with pixel-normalised q, k, v (mixing
+    step: `self.attn`), joined by `mp_sum(., ., attn_balance)`; then clipping to `[-clip_act, clip_act]`.
     """
 
     def __init__(self,
@@ -173,15 +195,32 @@ class EDM2Block(torch.nn.Module):
         self.conv_skip = MPConv(in_channels, out_channels, kernel=(1, 1)) if in_channels != out_channels else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
-        # The dropout site: a parameter-free module, so the state dict is unchanged.
+        # The dropout site and the attention mixing step: parameter-free modules, so the state dict is unchanged.
         self.dropout = torch.nn.Dropout(dropout)
+        self.attn = EDM2Attention() if self.num_heads else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _main_in(self, x: torch.Tensor) -> torch.Tensor:
+        """The main branch before the residual join: resample; in the encoder also the skip conv and pixel norm."""
         x = resample(x, self.resample_mode, self.resample_filter)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
             x = pixel_norm(x)
+        return x
+
+    def skip_path(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block without its residual branch and self-attention (stochastic depth): resample, skip conv
+        (encoder: and pixel norm), clipping. `[N, in_channels, H, W] -> [N, out_channels, H', W']`, the shape of
+        `forward`'s output, of unit magnitude as the residual join's output is. `emb` is accepted and unused."""
+        x = self._main_in(x)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        if self.clip_act is not None:
+            x = x.clamp(-self.clip_act, self.clip_act)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self._main_in(x)
 
         y = self.conv_res0(mp_silu(x))
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # [N, out_channels]
@@ -206,8 +245,7 @@ class EDM2Block(torch.nn.Module):
         # Channel layout of attn_qkv's output: (head, channel-in-head, q/k/v).
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
         q, k, v = normalize(qkv, dim=2).unbind(3)  # each [N, heads, C/heads, HW], unit RMS per pixel
-        logits = q.transpose(2, 3) @ (k / math.sqrt(q.shape[2]))  # [N, heads, HW_query, HW_key]
-        out = v @ logits.softmax(dim=3).transpose(2, 3)  # [N, heads, C/heads, HW_query]
+        out = self.attn(q, k, v)  # [N, heads, C/heads, HW_query]
         return self.attn_proj(out.reshape(n, c, h, w))
 
 

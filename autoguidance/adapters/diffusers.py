@@ -1,0 +1,433 @@
+"""diffusers behind the denoiser contract, and in-situ guidance inside a diffusers pipeline's own loop.
+
+Needs the optional extra: `pip install autoguidance[diffusers]` (diffusers is imported only when used).
+
+**DiffusersDenoiser** turns a `UNet2DModel` or `UNet2DConditionModel` and the noise schedule of its scheduler
+(a discrete variance-preserving one with `alphas_cumprod`: DDPM, DDIM, PNDM, Euler, DPM-Solver, ...) into an EDM
+denoiser `D(x, sigma, labels) -> x0_hat`, so every sampler and guidance method of this library runs on it.
+The VP process `x_vp = sqrt(a_t) x0 + sqrt(1 - a_t) n` is the EDM process `x = x0 + sigma n` scaled
+(Karras et al. 2022, Sec. 2 and App. C.1):
+
+    sigma_t = sqrt((1 - a_t) / a_t),      x_vp = x / sqrt(1 + sigma^2)
+
+A sigma between training steps maps to a fractional timestep, linear in log(sigma) between neighbouring steps
+(`quantize=True` rounds to the nearest step instead). The network output becomes the x0 prediction by type:
+
+    epsilon:        D = x - sigma eps
+    v_prediction:   D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v       (v = sqrt(a) eps - sqrt(1-a) x0)
+    sample:         D = output
+
+Sample with sigmas inside the model's range: `sigmas_karras(n, D.sigma_min, D.sigma_max)`.
+
+**InSituGuidedUNet** goes in place of `pipe.unet`: each call evaluates the exact pass and the degraded pass
+(any `autoguidance.perturb.Perturbation`, default dropout p = 0.1) in ONE batched forward call and returns the
+guided prediction of the unet's own type. For epsilon (and v, and sample) prediction, the x0 prediction is an
+affine function of the output with coefficients that depend only on (x_t, t),
+`x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`, so with weights summing to one
+
+    x0(eps_bad + w (eps_good - eps_bad)) = x0_bad + w (x0_good - x0_bad)
+
+and guiding the noise prediction at the same (x_t, t) is guiding D. Perturbations that move the input
+(`InputNoise`) are evaluated at (x_t', t'); their output is converted to x0 and back to a prediction at (x_t, t).
+
+    pipe.unet = InSituGuidedUNet(pipe.unet, pipe.scheduler, w=3.0, seeds=range(4))
+    images = pipe(batch_size=4, ...).images
+    pipe.unet = pipe.unet.unet        # back to the plain unet
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..denoiser import as_sigma, check_labels, check_x
+from ..perturb import Dropout, Perturbation, _take_rows, register_identity_attention, register_skip_path
+from ..rng import as_seeds, mix_keys
+from ..schedules import ScheduleLike, as_schedule
+
+__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "VPSchedule", "register_rules"]
+
+INSTALL_HINT = "pip install autoguidance[diffusers]"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _require_diffusers():
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError(f"the diffusers adapter needs the diffusers package: {INSTALL_HINT}") from e
+    return diffusers
+
+
+# -- the noise schedule ------------------------------------------------------------------------------------------
+
+class VPSchedule:
+    """The discrete VP schedule of a diffusers scheduler, as EDM noise levels: `sigmas[t] = sqrt((1 - a_t)/a_t)`,
+    `[T]` float64, increasing in t. Maps sigma <-> (fractional) timestep."""
+
+    def __init__(self, scheduler, quantize: bool = False):
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if ac is None:
+            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: the adapter needs a discrete "
+                            "variance-preserving scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...), not a "
+                            "flow-matching or continuous one")
+        ac = torch.as_tensor(ac, dtype=torch.float64).flatten()
+        sigmas = ((1 - ac) / ac).sqrt()
+        if len(sigmas) < 2 or not bool(torch.isfinite(sigmas).all()) or bool((sigmas[1:] <= sigmas[:-1]).any()) \
+                or float(sigmas[0]) <= 0:
+            raise ValueError("the scheduler's alphas_cumprod must decrease strictly within (0, 1) so that sigma_t "
+                             "= sqrt((1 - a_t)/a_t) increases with t")
+        self.sigmas = sigmas
+        self.log_sigmas = sigmas.log()
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """`[N]` noise levels -> `[N]` float64 timesteps, linear in log sigma between steps, clamped to [0, T-1]."""
+        ls = sigma.detach().to(torch.float64).log().cpu().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, ls).clamp(1, len(self.sigmas) - 1)
+        lo_v, hi_v = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        t = (hi - 1) + (ls - lo_v) / (hi_v - lo_v)
+        return (t.round() if self.quantize else t).to(sigma.device)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """`[N]` (fractional) timesteps -> `[N]` float64 sigmas, log-linear between steps."""
+        t = t.detach().to(torch.float64).cpu().clamp(0, len(self.sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.sigmas) - 2)
+        frac = t - lo
+        return (self.log_sigmas[lo] * (1 - frac) + self.log_sigmas[lo + 1] * frac).exp()
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def output_to_x0(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """A network output at EDM `(x, sigma)` (`x [N, ...]`, `sigma [N]`) -> the x0 prediction `D`."""
+    s = _col(sigma, x)
+    if prediction_type == "epsilon":
+        return x - s * out
+    if prediction_type == "v_prediction":
+        return x / (1 + s**2) - s / (1 + s**2).sqrt() * out
+    return out
+
+
+def x0_to_output(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Inverse of `output_to_x0`: the output of `prediction_type` that gives the x0 prediction `x0` at `(x, sigma)`."""
+    s = _col(sigma, x)
+    if prediction_type == "epsilon":
+        return (x - x0) / s
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0 with sqrt(a) = 1/sqrt(1 + s^2)
+        return ((x - x0) / s - s * x0) / (1 + s**2).sqrt()
+    return x0
+
+
+def _prediction_type(scheduler, prediction_type: Optional[str]) -> str:
+    pt = prediction_type or getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+    if pt not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {pt!r}")
+    return pt
+
+
+# -- rules for perturbations on diffusers modules ---------------------------------------------------------------
+
+def _attention_identity(attn, args, kwargs):
+    """diffusers `Attention` with the attention map replaced by the identity: the processor's path with
+    `softmax(q k^T)` -> I, i.e. to_out(to_v(h)) with the same norms, reshapes, residual and rescale."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    ehs = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    if ehs is not None and ehs is not hidden:
+        raise ValueError("identity attention needs self-attention, but this diffusers Attention was called with "
+                         "encoder_hidden_states (cross-attention); choose the self-attention modules (attn1)")
+    temb = args[3] if len(args) > 3 else kwargs.get("temb")
+    residual = hidden
+    if attn.spatial_norm is not None:
+        hidden = attn.spatial_norm(hidden, temb)
+    four_d = hidden.ndim == 4
+    if four_d:
+        n, c, h, w = hidden.shape
+        hidden = hidden.view(n, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
+    out = attn.to_out[1](attn.to_out[0](attn.to_v(hidden)))
+    if four_d:
+        out = out.transpose(-1, -2).reshape(n, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor, 0
+
+
+def _resnet_skip(block, input_tensor, temb=None, *args, **kwargs):
+    """diffusers `ResnetBlock2D` without its residual branch: (resampled) input, shortcut conv, / output scale."""
+    x = input_tensor
+    if block.upsample is not None:
+        x = block.upsample(x)
+    elif block.downsample is not None:
+        x = block.downsample(x)
+    if block.conv_shortcut is not None:
+        x = block.conv_shortcut(x)
+    return x / block.output_scale_factor
+
+
+_REGISTERED = False
+
+
+def register_rules() -> None:
+    """Teach `IdentityAttention` diffusers' `Attention` and `BlockDrop` diffusers' `ResnetBlock2D` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _require_diffusers()
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    register_identity_attention(Attention, _attention_identity,
+                                is_self_attention=lambda m: not getattr(m, "is_cross_attention", False))
+    register_skip_path(ResnetBlock2D, _resnet_skip)
+    _REGISTERED = True
+
+
+# -- the denoiser ------------------------------------------------------------------------------------------------
+
+class DiffusersDenoiser(torch.nn.Module):
+    """A diffusers `UNet2DModel` / `UNet2DConditionModel` as an EDM denoiser:
+    `forward(x [N, C, H, W], sigma scalar or [N], labels None or [N, label_dim]) -> D [N, C, H, W]` (x's dtype).
+
+    What `labels` rows mean (`labels_as`):
+      'class'  one-hot rows -> class indices for the unet's class embedding (`num_class_embeds`); other class
+               embedding types (identity, projection) get the rows as they are. A zero row means "no label":
+               it becomes `null_class` (the index the model was trained with for dropped labels); with
+               `null_class=None` a zero row is an error, as the model has no way to be unconditional.
+      'text'   flattened `encoder_hidden_states`, `[N, S * cross_attention_dim]` (so CFG's passes batch); a zero
+               row becomes `null_text` (e.g. the empty prompt's embedding) if given, else stays zero.
+      'none'   the model is unconditional: labels must be None or zero rows.
+      'auto'   'class' if the unet has a class embedding, else 'text' if it has cross-attention and no fixed
+               `encoder_hidden_states` was given, else 'none'.
+    A `UNet2DConditionModel` can instead get one fixed conditioning for every row: `encoder_hidden_states`
+    `[S, dim]` or `[1, S, dim]`. Other unet inputs (`added_cond_kwargs`, ...) go in `unet_kwargs`, used as given
+    for every call (so they must not have one row per sample: guidance batches rows).
+    """
+
+    def __init__(self,
+        unet:                   torch.nn.Module,                  # a diffusers UNet2DModel / UNet2DConditionModel
+        scheduler:              Any,                              # its scheduler: the alphas_cumprod to use
+        *,
+        prediction_type:        Optional[str] = None,             # epsilon, v_prediction, sample; None: scheduler's
+        labels_as:              str = "auto",                     # 'auto', 'class', 'text' or 'none' (see above)
+        null_class:             Optional[int] = None,             # class index for zero label rows (no label)
+        encoder_hidden_states:  Optional[torch.Tensor] = None,    # fixed [S, dim] or [1, S, dim] for every row
+        null_text:              Optional[torch.Tensor] = None,    # [S, dim] embedding for zero 'text' label rows
+        quantize:               bool = False,                     # round t to the nearest training step
+        unet_kwargs:            Optional[dict] = None,            # further keyword arguments of unet.forward
+    ):
+        super().__init__()
+        register_rules()
+        self.unet = unet
+        self.schedule = VPSchedule(scheduler, quantize)
+        self.prediction_type = _prediction_type(scheduler, prediction_type)
+        self.unet_kwargs = dict(unet_kwargs or {})
+        config = getattr(unet, "config", None)
+        self.cross_attention_dim = getattr(config, "cross_attention_dim", None) if config is not None else None
+        has_class = getattr(unet, "class_embedding", None) is not None
+        if encoder_hidden_states is not None:
+            if self.cross_attention_dim is None:
+                raise ValueError("encoder_hidden_states given, but this unet has no cross-attention")
+            e = encoder_hidden_states
+            e = e[None] if e.ndim == 2 else e
+            if e.ndim != 3 or e.shape[0] != 1:
+                raise ValueError(f"encoder_hidden_states must be [S, dim] or [1, S, dim] (one conditioning for every "
+                                 f"row; per-row text goes in labels with labels_as='text'), got {list(e.shape)}")
+            encoder_hidden_states = e
+        if labels_as == "auto":
+            labels_as = "class" if has_class else (
+                "text" if self.cross_attention_dim is not None and encoder_hidden_states is None else "none")
+        if labels_as not in ("class", "text", "none"):
+            raise ValueError(f"labels_as must be 'auto', 'class', 'text' or 'none', got {labels_as!r}")
+        if labels_as == "class" and not has_class:
+            raise ValueError("labels_as='class' but the unet has no class embedding (num_class_embeds / "
+                             "class_embed_type unset)")
+        if labels_as == "text" and self.cross_attention_dim is None:
+            raise ValueError("labels_as='text' but the unet has no cross-attention (cross_attention_dim unset)")
+        self.labels_as = labels_as
+        self.null_class = null_class
+        self.register_buffer("encoder_hidden_states", encoder_hidden_states, persistent=False)
+        self.register_buffer("null_text", null_text, persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        """The smallest noise level of the training schedule (t = 0)."""
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        """The largest noise level of the training schedule (t = T - 1); higher sigmas reuse t = T - 1."""
+        return self.schedule.sigma_max
+
+    def _class_labels(self, labels: Optional[torch.Tensor], n: int, device) -> Optional[torch.Tensor]:
+        if self.labels_as != "class":
+            return None
+        if not isinstance(self.unet.class_embedding, torch.nn.Embedding):
+            if labels is None:
+                raise ValueError("this unet's class embedding needs labels rows (it is not an index embedding)")
+            return labels
+        if labels is None:
+            labels = torch.zeros(n, 1, device=device)
+        zero = (labels == 0).all(dim=1)
+        onehot = ((labels == 0) | (labels == 1)).all(dim=1) & ((labels == 1).sum(dim=1) == 1)
+        if not bool((zero | onehot).all()):
+            raise ValueError("class labels must be one-hot rows (or zero rows for 'no label')")
+        if bool(zero.any()) and self.null_class is None:
+            raise ValueError("a zero label row (unconditional) needs the model's null class: pass null_class=<the "
+                             "index the model was trained with for dropped labels>")
+        idx = labels.argmax(dim=1)
+        if self.null_class is not None:
+            idx = torch.where(zero, torch.full_like(idx, int(self.null_class)), idx)
+        return idx
+
+    def _encoder_states(self, labels: Optional[torch.Tensor], n: int, dtype) -> Optional[torch.Tensor]:
+        if self.encoder_hidden_states is not None:
+            return self.encoder_hidden_states.expand(n, -1, -1).to(dtype)
+        if self.labels_as != "text":
+            return None
+        dim = self.cross_attention_dim
+        if labels is None:
+            if self.null_text is None:
+                raise ValueError("this unet needs text conditioning: pass labels [N, S * cross_attention_dim], "
+                                 "null_text=, or a fixed encoder_hidden_states=")
+            return self.null_text.expand(n, -1, -1).to(dtype)
+        if labels.shape[1] % dim:
+            raise ValueError(f"text labels must be flattened encoder_hidden_states [N, S * {dim}], got "
+                             f"{list(labels.shape)}")
+        ehs = labels.reshape(n, -1, dim).to(dtype)
+        if self.null_text is not None:
+            zero = (labels == 0).all(dim=1)
+            ehs = torch.where(zero[:, None, None], self.null_text.reshape(1, -1, dim).to(dtype), ehs)
+        return ehs
+
+    def unet_inputs(self, x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple:
+        """`(x_vp, t, kwargs)`: what the unet gets for EDM `(x, sigma, labels)`."""
+        n = x.shape[0]
+        if self.labels_as == "none" and labels is not None and bool((labels != 0).any()):
+            raise ValueError("this unet is unconditional: labels must be None or zero rows")
+        x_vp = x / _col((1 + sigma.to(torch.float64) ** 2).sqrt(), x)
+        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+        kwargs = dict(self.unet_kwargs)
+        dtype = getattr(self.unet, "dtype", x.dtype)
+        class_labels = self._class_labels(labels, n, x.device)
+        if class_labels is not None:
+            kwargs["class_labels"] = class_labels
+        ehs = self._encoder_states(labels, n, dtype)
+        if ehs is not None:
+            kwargs["encoder_hidden_states"] = ehs
+        return x_vp.to(dtype), t, kwargs
+
+    def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_x(x)
+        sigma = as_sigma(sigma, x)
+        labels = check_labels(labels, x.shape[0])
+        x_vp, t, kwargs = self.unet_inputs(x, sigma, labels)
+        out = self.unet(x_vp, t, return_dict=False, **kwargs)[0]
+        return output_to_x0(out.to(torch.float32), x.to(torch.float32), sigma.to(torch.float32),
+                            self.prediction_type).to(x.dtype)
+
+
+# -- in-situ guidance inside a pipeline's loop -------------------------------------------------------------------
+
+class InSituGuidedUNet(torch.nn.Module):
+    """A drop-in for `pipe.unet` that returns the guided prediction `out_bad + w (out_good - out_bad)`, the good
+    and the degraded pass computed in ONE batched unet call (see the module docstring for why guiding the noise
+    prediction is guiding D).
+
+    Every per-row input of the call (sample, timestep, encoder_hidden_states, class_labels, tensors inside
+    added_cond_kwargs, ...) is repeated for the degraded rows; rows where `w(sigma) = 1` get no degraded pass.
+    The perturbation's sites are module paths inside the unet (`down_blocks.1.attentions.0`, ...; see
+    `autoguidance.perturb.list_sites(unet)`).
+    Randomness of the perturbation is keyed by the image seed and the timestep: `seeds` has one entry per image
+    of the pipeline's batch (tiled when the pipeline batches several passes per image, as its own CFG does);
+    None = the row index. Attributes the pipeline reads (`config`, `dtype`, `device`, ...) come from the unet.
+    """
+
+    def __init__(self,
+        unet:             torch.nn.Module,                   # the pipeline's unet
+        scheduler:        Any,                               # the pipeline's scheduler (for sigma(t))
+        w:                ScheduleLike = 3.0,                # guidance weight (in-situ paper's w' = 2.0), or w(sigma)
+        perturbation:     Optional[Perturbation] = None,     # the degradation; None = Dropout(0.1) at nn.Dropout sites
+        *,
+        seeds:            Optional[Sequence[int]] = None,    # one seed per image; None = row index
+        prediction_type:  Optional[str] = None,              # None = the scheduler's
+    ):
+        super().__init__()
+        register_rules()
+        self.unet = unet
+        self.schedule = VPSchedule(scheduler)
+        self.prediction_type = _prediction_type(scheduler, prediction_type)
+        self.w = as_schedule(w)
+        self.perturbation = perturbation if perturbation is not None else Dropout(0.1)
+        if not isinstance(self.perturbation, Perturbation):
+            raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got "
+                            f"{type(self.perturbation).__name__}")
+        self.seeds = as_seeds(seeds) if seeds is not None else None
+        self.last_rows = (0, 0)   # (exact rows, degraded rows) of the last call, for inspection
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            unet = self.__dict__.get("_modules", {}).get("unet")
+            if unet is None:
+                raise
+            return getattr(unet, name)
+
+    def _keys(self, n: int, t: torch.Tensor) -> torch.Tensor:
+        seeds = self.seeds if self.seeds is not None else torch.arange(n, dtype=torch.int64)
+        if n % len(seeds):
+            raise ValueError(f"the unet got a batch of {n} rows for {len(seeds)} seeds: pass one seed per image "
+                             "(the batch must be a multiple of the number of seeds)")
+        rows = seeds.repeat(n // len(seeds)).to(t.device)
+        step = (t.to(torch.float64) * 1024).round().to(torch.int64)   # the timestep, as an integer salt
+        return mix_keys(rows ^ mix_keys(step, 0x7157), 0x5EED)
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        n = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = (t.expand(n) if t.ndim == 0 else t).to(torch.float64)
+        sigma = self.schedule.t_to_sigma(t).to(sample.device)
+        w = self.w(sigma).to(torch.float64).to(sample.device)
+        deg = torch.nonzero(w != 1).flatten()
+        self.last_rows = (n, len(deg))
+        if len(deg) == 0:
+            return self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
+        sel = torch.cat([torch.arange(n, device=sample.device), deg])
+        m = len(sel)
+        rows = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(deg), dtype=torch.bool)]).to(sample.device)
+        keys = self._keys(n, t)[sel]
+        # EDM coordinates of the call, for perturbations that move the input (InputNoise) and for schedules.
+        s_all = sigma[sel]
+        x_edm = sample[sel].to(torch.float64) * _col((1 + s_all**2).sqrt(), sample).to(torch.float64)
+        x_in, s_in = self.perturbation.transform_inputs(x_edm, s_all, rows, keys)
+        moved = not (x_in is x_edm and s_in is s_all)
+        x_vp = (x_in / _col((1 + s_in**2).sqrt(), x_in)).to(sample.dtype) if moved else sample[sel]
+        t_in = torch.where(s_in != s_all, self.schedule.sigma_to_t(s_in), t[sel]) if moved else t[sel]
+        call_args = _take_rows(args, sel, n)
+        call_kwargs = _take_rows(kwargs, sel, n)
+        with self.perturbation.active(self.unet, rows, keys, s_in.to(torch.float32)):
+            out = self.unet(x_vp, t_in.to(torch.float32), *call_args, return_dict=return_dict, **call_kwargs)
+        pred = out.sample if return_dict else out[0]
+        good, bad = pred[:n], pred[n:]
+        if moved:   # the degraded rows were evaluated at (x', t'): carry their x0 prediction back to (x_t, t)
+            x0_bad = output_to_x0(bad.to(torch.float64), x_in[n:], s_in[n:], self.prediction_type)
+            x_deg = x_edm[n:]
+            bad = x0_to_output(x0_bad, x_deg, s_all[n:], self.prediction_type).to(pred.dtype)
+        wd = _col(w[deg], pred)
+        guided = good.clone()
+        guided[deg] = bad + wd * (good[deg] - bad)
+        if return_dict:
+            return type(out)(sample=guided)
+        return (guided,)

@@ -1,0 +1,8 @@
+"""Datasets: real image sets that ship inside installed packages (nothing is downloaded at run time).
+
+    from autoguidance.data import load_digits
+    train = load_digits("train")      # Digits: images [N, 1, 8, 8] float32 in [-1, 1], labels [N, 10] one-hot
+"""
+from .digits import DIGITS_NUM_CLASSES, DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, Digits, load_digits
+
+__all__ = ["Digits", "load_digits", "DIGITS_NUM_CLASSES", "DIGITS_SPLIT_SEED", "DIGITS_TEST_SIZE"]

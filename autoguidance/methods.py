@@ -1,0 +1,398 @@
+"""One guided-denoiser factory for commands and experiments: a `MethodSpec` (flags, TOML or JSON) -> `Guided`.
+
+    spec = MethodSpec(net="toy-denoiser-main", method="autoguidance", gnet="toy-denoiser-guide", w=3.0, steps=32,
+                      sigma_max=5.0)
+    D = build_method(spec)                                   # a Guided denoiser
+    x = generate(D, seeds, sample_shape(D.main.net), **spec.sampling())
+    spec.to_toml() / MethodSpec.from_toml(text)              # the same spec as a config file (flat keys)
+
+Methods (weights in this library's convention `D_bad + w (D_good - D_bad)`, w = 1: no guidance):
+
+| method             | guide                                                       | needs                  |
+|--------------------|-------------------------------------------------------------|------------------------|
+| `none`             | -                                                           | net                    |
+| `cfg`              | net without labels, or a separate unconditional net         | net, [uncond]          |
+| `cfg-interval`     | as cfg, w only for sigma in (lo, hi]                        | net, [uncond], interval|
+| `autoguidance`     | a smaller / shorter-trained net (Karras et al. 2024)        | net, gnet              |
+| `insitu`           | net with dropout p on (in-situ autoguidance, 2025)          | net (a module)         |
+| `perturbation`     | net under `perturbation` at strength p (PERTURBATIONS)      | net (a module)         |
+| `cfg-autoguidance` | uncond at w_u = (1-a)(w-1)+1 and gnet at w_c = a(w-1)+1 (Karras App. B.2) | net, gnet, [uncond] |
+
+A model is a shipped checkpoint name (`autoguidance models`), a checkpoint folder, or `package.module:function`
+(a function of no arguments that returns a denoiser; a `torch.nn.Module` is put in eval mode). A `preset`
+(`autoguidance presets`) fixes method, w, interval and p and supplies sampler defaults; the nets stay yours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import perturb
+from .guidance import Guided, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, perturbation_guidance
+from .sampling import SAMPLERS
+from .schedules import Ramp, check_weight
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
+
+
+def _toml_loads(text: str, where: str) -> dict:
+    if tomllib is None:
+        raise ValueError(f"reading {where} needs Python >= 3.11 (tomllib) or `pip install tomli`")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where} is not valid TOML: {e}") from e
+
+__all__ = ["MethodSpec", "METHODS", "PERTURBATIONS", "build_method", "load_model", "sample_shape", "label_dim",
+           "make_perturbation", "parse_where", "add_method_arguments", "spec_from_args", "parse_floats"]
+
+#: method name -> what it does (the `--method` choices).
+METHODS = {
+    "none":             "the net alone",
+    "cfg":              "classifier-free guidance: guide = the net without labels (or --uncond)",
+    "cfg-interval":     "CFG with w only for sigma in (lo, hi] (--interval), w = 1 elsewhere",
+    "autoguidance":     "guide = a smaller and/or shorter-trained net of the same task (--gnet)",
+    "insitu":           "guide = the same net with dropout p switched on (in-situ autoguidance)",
+    "perturbation":     "guide = the same net under --perturbation at strength --p",
+    "cfg-autoguidance": "CFG and autoguidance mixed by --a (Karras et al. 2024, App. B.2)",
+}
+
+#: perturbation name -> (class in autoguidance.perturb, its strength keyword, takes where=)
+_PERTURBATION_TABLE = {
+    "dropout":           ("Dropout", "p", True),
+    "blockdrop":         ("BlockDrop", "p", True),
+    "inputnoise":        ("InputNoise", "k", False),
+    "weightnoise":       ("WeightNoise", "std", True),
+    "identityattention": ("IdentityAttention", "scale", True),
+}
+#: the perturbations this installation provides (those of the table present in autoguidance.perturb).
+PERTURBATIONS = {k: v for k, v in _PERTURBATION_TABLE.items() if hasattr(perturb, v[0])}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything that decides a guided sample besides its seed and label. Round-trips to TOML and JSON."""
+
+    net:          str = ""                         # main net D_good: shipped name, folder, or module:function
+    method:       str = "none"                     # a key of METHODS
+    w:            float = 1.0                      # guidance weight (D_bad + w (D_good - D_bad))
+    interval:     Optional[tuple] = None           # (sigma_lo, sigma_hi]: w inside, 1 outside
+    ramp:         Optional[tuple] = None           # (w_end, sigma_from, sigma_to): w at sigma >= from, w_end <= to
+    perturbation: str = "dropout"                  # for method 'perturbation': a key of PERTURBATIONS
+    p:            float = 0.1                      # perturbation strength (dropout p, block rate, k, std, scale)
+    where:        Optional[str] = None             # perturbation sites: a glob or comma-separated module paths
+    gnet:         Optional[str] = None             # guide net (autoguidance, cfg-autoguidance; a preset's gnet)
+    uncond:       Optional[str] = None             # separate unconditional net for cfg (default: the net, no label)
+    a:            float = 0.5                      # cfg-autoguidance mixing ratio (0: CFG, 1: autoguidance)
+    preset:       Optional[str] = None             # a preset name (autoguidance presets)
+    max_batch:    Optional[int] = None             # rows per forward call (memory bound); None = all
+    sampler:      str = "heun"                     # 'heun' (EDM Algorithm 2) or 'euler'
+    steps:        int = 32                         # sampling steps N
+    sigma_min:    float = 0.002                    # smallest noise level of the schedule
+    sigma_max:    float = 80.0                     # largest noise level (initial noise std)
+    rho:          float = 7.0                      # schedule exponent (EDM Eq. 5)
+    churn:        float = 0.0                      # S_churn (0: deterministic sampler)
+
+    def __post_init__(self):
+        for name in ("interval", "ramp"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        self.validate()
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def validate(self) -> "MethodSpec":
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}")
+        check_weight(self.w)
+        if self.interval is not None and len(self.interval) != 2:
+            raise ValueError(f"interval must be two noise levels LO,HI, got {self.interval}")
+        if self.ramp is not None and len(self.ramp) != 3:
+            raise ValueError(f"ramp must be W_END,SIGMA_FROM,SIGMA_TO, got {self.ramp}")
+        if self.interval is not None and self.ramp is not None:
+            raise ValueError("give either --interval or --ramp, not both")
+        if self.method == "cfg-interval" and self.interval is None:
+            raise ValueError("method cfg-interval needs --interval LO,HI (e.g. 0.28,2.9)")
+        if self.method in ("autoguidance", "cfg-autoguidance") and not self.gnet:
+            raise ValueError(f"method {self.method} needs a guide net: --gnet MODEL")
+        if self.method == "perturbation" and self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {self.perturbation!r}: expected one of {', '.join(PERTURBATIONS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.churn < 0:
+            raise ValueError(f"churn (S_churn) must be >= 0, got {self.churn}")
+        return self
+
+    # -- conversions --------------------------------------------------------------------------------------------
+    def sampling(self) -> dict:
+        """Keyword arguments of `autoguidance.generate`: sampler, num_steps, sigma_min, sigma_max, rho, S_churn."""
+        return dict(sampler=self.sampler, num_steps=int(self.steps), sigma_min=self.sigma_min,
+                    sigma_max=self.sigma_max, rho=self.rho, S_churn=self.churn)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples as lists, None values kept)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown method setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """Flat TOML (`key = value`, None values left out): `MethodSpec.from_toml(spec.to_toml()) == spec`."""
+        lines = []
+        for k, v in self.to_dict().items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str) -> "MethodSpec":
+        return cls.from_dict(_toml_loads(text, "the method config"))
+
+    def replace(self, **changes) -> "MethodSpec":
+        return dataclasses.replace(self, **changes)
+
+    def label(self) -> str:
+        """Short description for plots and logs, e.g. 'autoguidance w=2.5'."""
+        extra = f" {self.perturbation} p={self.p:g}" if self.method == "perturbation" else \
+            (f" p={self.p:g}" if self.method == "insitu" else "")
+        iv = f" ({self.interval[0]:g},{self.interval[1]:g}]" if self.interval else ""
+        return f"{self.method} w={self.w:g}{extra}{iv}"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string is a JSON string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+def load_model(ref: str, device="cpu") -> Callable:
+    """A denoiser from a shipped checkpoint name, a checkpoint folder, or `package.module:function`."""
+    from .checkpoint import load
+
+    if not isinstance(ref, str) or not ref:
+        raise ValueError("no model given: pass a shipped checkpoint name (autoguidance models), a checkpoint "
+                         "folder, or package.module:function")
+    if ":" in ref and not Path(ref).exists():
+        mod_name, _, fn_name = ref.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {ref!r} ({e}): expected package.module:function, a function of no "
+                             "arguments returning a denoiser D(x, sigma, labels)") from e
+        net = fn()
+        if isinstance(net, torch.nn.Module):
+            net = net.to(device).eval().requires_grad_(False)
+        if not callable(net):
+            raise TypeError(f"{ref} returned a {type(net).__name__}, not a denoiser D(x, sigma, labels)")
+        return net
+    return load(ref, device=device)
+
+
+def _config(net) -> dict:
+    return getattr(net, "config", None) or {}
+
+
+def sample_shape(net) -> list[int]:
+    """One sample's shape for `net`: `[C, R, R]` from an image net's config, `[2]` for the toy nets, or the
+    net's own `sample_shape` attribute. Raises when it cannot tell (pass --shape then)."""
+    if hasattr(net, "sample_shape"):
+        return [int(v) for v in net.sample_shape]
+    c = _config(net)
+    if "img_channels" in c and "img_resolution" in c:
+        return [int(c["img_channels"]), int(c["img_resolution"]), int(c["img_resolution"])]
+    if str(getattr(net, "family", "")).startswith("toy"):
+        return [2]
+    raise ValueError(f"cannot tell the sample shape of a {type(net).__name__}: pass --shape, e.g. --shape 3,64,64")
+
+
+def label_dim(net) -> int:
+    """Class-label dimension of `net` (0: unconditional)."""
+    v = getattr(net, "label_dim", None)
+    if v is None:
+        v = _config(net).get("label_dim", 0)
+    return int(v or 0)
+
+
+def parse_where(where: Optional[str]):
+    """`--where` text -> `where=` of a perturbation: None, a glob / path, or a list of paths (comma-separated)."""
+    if where is None or "," not in where:
+        return where
+    return [s.strip() for s in where.split(",") if s.strip()]
+
+
+def make_perturbation(name: str, strength: Any, where: Optional[str] = None) -> "perturb.Perturbation":
+    """A perturbation by name (`PERTURBATIONS`) at `strength` (number or Schedule), on sites `where`
+    (a glob, or comma-separated module paths; None: the perturbation's default sites)."""
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}: expected one of {', '.join(PERTURBATIONS)}")
+    cls_name, key, takes_where = PERTURBATIONS[name]
+    kwargs = {key: strength}
+    if where is not None:
+        if not takes_where:
+            raise ValueError(f"perturbation {name} changes the inputs only and takes no --where")
+        kwargs["where"] = parse_where(where)
+    return getattr(perturb, cls_name)(**kwargs)
+
+
+def _schedule(spec: MethodSpec):
+    if spec.ramp is not None:
+        w_end, s_from, s_to = spec.ramp
+        return Ramp(check_weight(spec.w), check_weight(w_end), sigma_from=s_from, sigma_to=s_to)
+    return spec.w
+
+
+def _preset_fields(name: str) -> dict:
+    from .presets import get_preset
+
+    try:
+        p = get_preset(name)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    s = p.sampling()
+    return dict(method=p.method, w=p.w, interval=p.interval, p=p.p if p.p is not None else 0.1,
+                sampler=s["sampler"], steps=s["num_steps"], sigma_min=s["sigma_min"], sigma_max=s["sigma_max"],
+                rho=s["rho"])
+
+
+def build_method(spec: MethodSpec, load: Optional[Callable[[str], Callable]] = None, device="cpu") -> Guided:
+    """The guided denoiser of `spec`. `load(ref) -> denoiser` turns model references into nets (default:
+    `load_model`; pass a caching loader to share nets across specs). Returns a `Guided` denoiser
+    `D(x [N, *shape], sigma [N], labels [N, label_dim] or None) -> [N, *shape]`."""
+    spec.validate()
+    load = load or (lambda ref: load_model(ref, device))
+    net = load(spec.net)
+    if spec.preset:
+        from .presets import build_preset
+
+        fixed = _preset_fields(spec.preset)
+        clash = [k for k in ("method", "w", "interval", "p") if k in fixed and getattr(spec, k) != fixed[k]
+                 and not (k == "p" and fixed["method"] != "insitu")]
+        if clash:
+            raise ValueError(f"preset {spec.preset} fixes {', '.join(f'{k}={fixed[k]}' for k in clash)}, but the "
+                             f"spec says {', '.join(f'{k}={getattr(spec, k)}' for k in clash)}: drop those settings, "
+                             "or drop --preset and give --method")
+        gnet = load(spec.gnet) if spec.gnet else None
+        return build_preset(spec.preset, net, gnet, max_batch=spec.max_batch, device=device)
+    m, w, mb = spec.method, _schedule(spec), spec.max_batch
+    interval = spec.interval
+    if m == "none":
+        return no_guidance(net)
+    if m in ("cfg", "cfg-interval"):
+        return cfg(net, w, uncond=load(spec.uncond) if spec.uncond else None, interval=interval, max_batch=mb)
+    if m == "autoguidance":
+        return autoguidance(net, load(spec.gnet), w, interval=interval, max_batch=mb)
+    if m == "cfg-autoguidance":
+        if interval is not None or spec.ramp is not None:
+            raise ValueError("cfg-autoguidance takes a constant w: drop --interval / --ramp")
+        return cfg_autoguidance(net, load(spec.gnet), spec.w, spec.a,
+                                uncond=load(spec.uncond) if spec.uncond else None, max_batch=mb)
+    if not isinstance(net, torch.nn.Module):
+        raise TypeError(f"method {m} hooks a perturbation into the network's modules: {spec.net} must give a "
+                        f"torch.nn.Module, got {type(net).__name__}")
+    if m == "insitu":
+        return insitu(net, w, spec.p, where=parse_where(spec.where), module=net, interval=interval, max_batch=mb)
+    return perturbation_guidance(net, w, make_perturbation(spec.perturbation, spec.p, spec.where), module=net,
+                                 interval=interval, max_batch=mb)
+
+
+# -- command-line flags -------------------------------------------------------------------------------------------
+
+def parse_floats(text: str, n: Optional[int] = None, what: str = "value") -> tuple:
+    """'0.28,2.9' -> (0.28, 2.9); 'inf' allowed. Raises naming `what` when the count or a number is wrong."""
+    try:
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or (n is not None and len(vals) != n):
+        want = f"{n} numbers" if n else "numbers"
+        raise ValueError(f"{what} must be {want} separated by commas, got {text!r}")
+    return vals
+
+
+def add_method_arguments(p, with_grid: bool = False) -> None:
+    """The method and sampler flags shared by `sample` and `sweep` (defaults None: unset flags do not override
+    the config file or the preset). With `with_grid`, --method, --w, --p and --interval are left to the caller."""
+    g = p.add_argument_group("model and guidance")
+    g.add_argument("--config", default=None, help="TOML file of MethodSpec keys (flags override it)")
+    g.add_argument("--net", default=None, help="main net: shipped name, checkpoint folder, or module:function")
+    if not with_grid:
+        g.add_argument("--method", default=None, choices=list(METHODS), help="guidance method")
+        g.add_argument("--w", type=float, default=None, help="guidance weight w (1 = no guidance)")
+        g.add_argument("--interval", default=None, help="LO,HI: apply w only for sigma in (LO, HI]")
+        g.add_argument("--p", type=float, default=None, help="perturbation strength (dropout p, rate, k, std)")
+    g.add_argument("--ramp", default=None, help="W_END,SIGMA_FROM,SIGMA_TO: w at sigma >= FROM down to W_END")
+    g.add_argument("--perturbation", default=None, choices=list(PERTURBATIONS),
+                   help="perturbation of method 'perturbation'")
+    g.add_argument("--where", default=None, help="perturbation sites: a glob or comma-separated module paths "
+                   "(see `autoguidance sites MODEL`)")
+    g.add_argument("--gnet", default=None, help="guide net (autoguidance; a preset's gnet)")
+    g.add_argument("--uncond", default=None, help="separate unconditional net for CFG")
+    g.add_argument("--a", type=float, default=None, help="cfg-autoguidance mixing ratio in [0, 1]")
+    g.add_argument("--preset", default=None, help="a preset name (autoguidance presets)")
+    g.add_argument("--max-batch", type=int, default=None, help="rows per forward call (memory bound)")
+    s = p.add_argument_group("sampler")
+    s.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="heun (EDM Alg. 2) or euler")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default 32)")
+    s.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default 0.002)")
+    s.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default 80)")
+    s.add_argument("--rho", type=float, default=None, help="schedule exponent (default 7)")
+    s.add_argument("--churn", type=float, default=None, help="S_churn (default 0: deterministic)")
+
+
+def spec_from_args(args) -> MethodSpec:
+    """Defaults <- the preset <- the TOML file (--config) <- explicit flags."""
+    d: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        d.update(_toml_loads(path.read_text(), f"--config {path}"))
+    flags = dict(net=args.net, method=getattr(args, "method", None), w=getattr(args, "w", None),
+                 p=getattr(args, "p", None), perturbation=args.perturbation, where=args.where, gnet=args.gnet,
+                 uncond=args.uncond, a=args.a, preset=args.preset, max_batch=args.max_batch, sampler=args.sampler,
+                 steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                 churn=args.churn)
+    if getattr(args, "interval", None):
+        flags["interval"] = parse_floats(args.interval, 2, "--interval")
+    if args.ramp:
+        flags["ramp"] = parse_floats(args.ramp, 3, "--ramp")
+    d.update({k: v for k, v in flags.items() if v is not None})
+    preset = d.get("preset")
+    if preset:
+        d = {**_preset_fields(preset), **d}
+    return MethodSpec.from_dict(d)

@@ -1,0 +1,164 @@
+"""The feature network of the digits metrics: a small CNN classifier trained on the digits' train split.
+
+Its penultimate activations (`features`, 64-d) play the role Inception-v3 plays for FID and DINOv2 for FD_DINOv2:
+"FD_digits" is the Frechet distance in this space, and precision/recall/density/coverage use the same features.
+Its logits give the accuracy of class-conditional samples (does a sample conditioned on "3" look like a 3?).
+Reference statistics come from the test split, which neither the classifier nor the diffusion models saw.
+
+    net = load_feature_net()                  # shipped: autoguidance/weights/digits/features
+    f = net.features(images)                  # [N, 1, 8, 8] in [-1, 1] -> [N, 64]
+    ref = reference_features()                # test split features [500, 64]
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..checkpoint import WEIGHTS_DIR, register_family, save
+
+__all__ = ["DigitsClassifier", "train_feature_net", "load_feature_net", "reference_features", "FEATURES_DIR",
+           "extract"]
+
+FEATURES_DIR = WEIGHTS_DIR / "digits" / "features"
+
+
+class DigitsClassifier(torch.nn.Module):
+    """CNN on `[N, 1, 8, 8]` images in [-1, 1]: three 3x3 conv layers (8x8, 4x4, 4x4), a 64-d feature layer,
+    a linear classifier. `forward -> logits [N, num_classes]`, `features -> [N, feature_dim]`."""
+
+    family = "digits-features"
+
+    def __init__(self,
+        num_classes:  int = 10,    # output classes
+        channels:     int = 32,    # conv channels (doubled after the stride-2 conv)
+        feature_dim:  int = 64,    # width of the feature layer
+        dropout:      float = 0.2, # dropout before the classifier, training only
+    ):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, channels=channels, feature_dim=feature_dim, dropout=dropout)
+        c = channels
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(2 * c, 2 * c, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Flatten(), torch.nn.Linear(2 * c * 16, feature_dim), torch.nn.SiLU())
+        self.drop = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(feature_dim, num_classes)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"the digits feature net takes images [N, 1, 8, 8] in [-1, 1], got {got}")
+        return x.to(torch.float32)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self._check(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))
+
+
+def _ensure_families() -> None:
+    from ..nets import register_builtin_families
+    register_builtin_families()  # the loader registers built-ins only when its registry is empty
+    register_family(DigitsClassifier.family, DigitsClassifier)
+
+
+_ensure_families()
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translations by up to one pixel (zero-padded with background -1), per image: `[N,1,8,8]`."""
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    dy, dx = torch.randint(0, 3, (2, len(x)), generator=gen)
+    rows = (dy[:, None] + torch.arange(8)[None, :])             # [N, 8]
+    cols = (dx[:, None] + torch.arange(8)[None, :])
+    n = torch.arange(len(x))[:, None, None]
+    return padded[n, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+@torch.no_grad()
+def extract(net: DigitsClassifier, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(features [N, dim], logits [N, classes])` of images `[N, 1, 8, 8]`, in eval mode, clamped to [-1, 1]."""
+    was = net.training
+    net.eval()
+    try:
+        fs, ls = [], []
+        for a in range(0, len(images), batch):
+            x = images[a:a + batch].clamp(-1, 1)
+            f = net.features(x)
+            fs.append(f)
+            ls.append(net.head(f))
+        return torch.cat(fs), torch.cat(ls)
+    finally:
+        net.train(was)
+
+
+def train_feature_net(
+    out=None,                  # checkpoint folder (None: do not save)
+    epochs: int = 40,          # passes over the training split
+    batch: int = 64,
+    lr: float = 2e-3,          # Adam, cosine decay to 0
+    seed: int = 0,
+    progress: bool = True,
+    meta: Optional[dict] = None,
+) -> DigitsClassifier:
+    """Train the classifier on the digits train split (1-pixel random shifts); its test accuracy goes in the meta."""
+    import tqdm
+
+    from ..data.digits import load_digits
+
+    train, test = load_digits("train"), load_digits("test")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = DigitsClassifier()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * math.ceil(len(train) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    t0 = time.perf_counter()
+    for _ in tqdm.trange(epochs, desc="train digits features", disable=not progress, unit="epoch"):
+        net.train()
+        perm = torch.randperm(len(train), generator=gen)
+        for a in range(0, len(perm), batch):
+            idx = perm[a:a + batch]
+            loss = torch.nn.functional.cross_entropy(net(_shift(train.images[idx], gen)), train.classes[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval().requires_grad_(False)
+    acc = {s.split: float((extract(net, s.images)[1].argmax(1) == s.classes).float().mean()) for s in (train, test)}
+    record = dict(epochs=epochs, batch=batch, lr=lr, seed=seed, train_accuracy=acc["train"],
+                  test_accuracy=acc["test"], train_seconds=round(time.perf_counter() - t0, 1), **(meta or {}))
+    net.checkpoint_meta = record
+    if out is not None:
+        save(net, out, meta=record)
+    return net
+
+
+def load_feature_net(path=None) -> DigitsClassifier:
+    """The shipped feature net (or the checkpoint folder `path`), eval mode, gradients off."""
+    from ..checkpoint import load
+
+    _ensure_families()
+    path = Path(path) if path is not None else FEATURES_DIR
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no digits feature net at {path}: train it with "
+                                "`autoguidance digits features --out autoguidance/weights/digits/features`")
+    return load(path)
+
+
+@lru_cache(maxsize=4)
+def _reference(path: str) -> torch.Tensor:
+    from ..data.digits import load_digits
+    return extract(load_feature_net(path), load_digits("test").images)[0]
+
+
+def reference_features(path=None) -> torch.Tensor:
+    """Features `[500, dim]` of the digits test split (the reference set of every digits metric)."""
+    return _reference(str(Path(path) if path is not None else FEATURES_DIR))

@@ -1,0 +1,282 @@
+"""`autoguidance sweep`: metrics over a grid of guidance weights, perturbation strengths and intervals.
+
+    autoguidance sweep --net toy-denoiser-main --gnet toy-denoiser-guide --uncond toy-denoiser-uncond \\
+        --methods autoguidance,cfg --w 1,2,3,4 --sigma-max 5 --seeds 0-1023 --space raw --ref toy:A --out runs/sw
+    torchrun --nproc_per_node=4 -m autoguidance.cli sweep --config base.toml --methods insitu,perturbation \\
+        --perturbation blockdrop --w 1.5,2,2.5 --p 0.05,0.1,0.2 --intervals none,0.28:2.9 --space digits \\
+        --ref digits-test --seeds 0-999 --out runs/sw-digits
+
+The grid is the product methods x intervals x p x w (p only for methods that use it: insitu, perturbation; the
+'none' method has one point). Every point samples the same seeds (common random numbers: differences between
+points are not seed noise) and is scored against one reference (`--ref` / `--ref-stats`, as in `metrics`).
+
+Outputs in `--out`: `results.jsonl` (one line per finished point, appended under a file lock, so an interrupted
+sweep resumes by skipping the points it holds), `results.json` (all points, sorted), `sweep.png` (each metric
+against w, a line per method / p / interval) and `run.json`. Points go round-robin to torchrun ranks.
+Test hook: `AUTOGUIDANCE_STOP_AFTER_POINTS=N` exits each process hard after its N-th point.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import dist
+from .io import atomic_path, write_json
+from .methods import METHODS, MethodSpec, add_method_arguments, build_method, label_dim, load_model, \
+    parse_floats, sample_shape, spec_from_args
+from .metrics_cli import add_metric_arguments, reference, score
+from .metrics.extractors import check_weights, get_extractor
+from .metrics.running import RunningStats
+from .sample_cli import format_seeds, labels_for, parse_classes, parse_seeds, run_record
+
+__all__ = ["grid", "point_key", "read_results", "append_result", "run_sweep", "plot_sweep", "add_parser",
+           "METRIC_NAMES"]
+
+METRIC_NAMES = ("fd", "precision", "recall", "density", "coverage", "accuracy")
+_USES_P = ("insitu", "perturbation")
+
+
+def parse_intervals(text: Optional[str]) -> list[Optional[tuple[float, float]]]:
+    """'none,0.28:2.9' -> [None, (0.28, 2.9)]."""
+    if not text:
+        return [None]
+    out: list[Optional[tuple[float, float]]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.lower() == "none":
+            out.append(None)
+        else:
+            out.append(parse_floats(part.replace(":", ","), 2, f"--intervals entry {part!r} (LO:HI or none)"))
+    return out
+
+
+def grid(base: MethodSpec, methods: Sequence[str], ws: Sequence[float], ps: Sequence[float],
+         intervals: Sequence[Optional[tuple]]) -> list[MethodSpec]:
+    """The specs of the grid, in a fixed order (method, interval, p, w); duplicates removed."""
+    specs, seen = [], set()
+    for m, iv, p, w in itertools.product(methods, intervals, ps, ws):
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
+        if m == "cfg-interval" and iv is None:
+            continue
+        s = base.replace(method=m, w=1.0 if m == "none" else float(w), p=float(p) if m in _USES_P else base.p,
+                         interval=None if m in ("none", "cfg-autoguidance") else iv)
+        k = point_key(s)
+        if k not in seen:
+            seen.add(k)
+            specs.append(s)
+    if not specs:
+        raise ValueError("the grid is empty: cfg-interval needs --intervals with bounds")
+    return specs
+
+
+def point_key(spec: MethodSpec) -> str:
+    """A grid point's identity: its full spec as canonical JSON."""
+    return spec.to_json()
+
+
+def read_results(path) -> dict[str, dict]:
+    """key -> result of every complete line of a results JSONL file (a torn last line is ignored)."""
+    path = Path(path)
+    out: dict[str, dict] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "key" in rec:
+            out[rec["key"]] = rec
+    return out
+
+
+def append_result(path, rec: dict) -> None:
+    """Append one JSON line under an exclusive lock, after mending a torn last line; flushed to disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(rec, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _series(rec: dict) -> str:
+    iv = rec.get("interval")
+    s = rec["method"]
+    if rec["method"] in _USES_P:
+        s += f" p={rec['p']:g}"
+    if iv:
+        s += f" ({iv[0]:g},{iv[1]:g}]"
+    return s
+
+
+def plot_sweep(results: Sequence[dict], path, metrics: Sequence[str] = METRIC_NAMES) -> Path:
+    """One panel per metric against w, one line per method / p / interval (matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if any(m in r for r in results)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(_series(r), []).append(r)
+    for ax, m in zip(axes[0], metrics):
+        for name, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["w"])
+            style = dict(marker="o", ms=3) if len(rs) > 1 else dict(marker="*", ms=9, ls="none")
+            ax.plot([r["w"] for r in rs], [r[m] for r in rs], label=name, **style)
+        ax.set_xlabel("w")
+        if m == "fd" and all(r.get(m, 0) > 0 for r in results):
+            ax.set_yscale("log")
+        ax.set_title(m + (" (lower is better)" if m == "fd" else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _sample_point(D, seeds: list[int], shape, cls, dim, spec: MethodSpec, batch: int, dev):
+    """`(samples [n, *shape], labels [n] int64)` of one grid point."""
+    from .sampling import generate
+
+    labels = labels_for(seeds, cls)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), dim).float().to(dev) if cls else None
+    with torch.no_grad():
+        x = generate(D, torch.tensor(seeds, dtype=torch.int64), shape, labels=onehot, batch=batch, device=dev,
+                     progress=False, **spec.sampling()).cpu()
+    return x, labels
+
+
+def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: str = "raw",
+              ref: Optional[str] = None, ref_stats: Optional[str] = None, ref_n: int = 10000, ref_seed: int = 0,
+              prdc: bool = True, classes: Optional[str] = "all", batch: int = 256, device: Optional[str] = None,
+              inception_weights: Optional[str] = None, dinov2_weights: Optional[str] = None,
+              progress: bool = True, args=None) -> list[dict]:
+    """Score every spec on `seeds`, skipping points already in `out/results.jsonl`; returns all results (every
+    rank), and on rank 0 writes results.json, sweep.png and run.json."""
+    import tqdm
+
+    check_weights(space, inception_weights, dinov2_weights)
+    out = Path(out)
+    dev = dist.device(device)
+    extractor = get_extractor(space, inception_weights=inception_weights, dinov2_weights=dinov2_weights,
+                              device=dev)
+    ref_st, ref_feats = reference(ref, extractor, ref_stats=ref_stats, ref_n=ref_n, ref_seed=ref_seed,
+                                  keep_features=prdc)
+    config = {"specs": [s.to_dict() for s in specs], "space": space, "ref": ref, "ref_stats": ref_stats,
+              "prdc": prdc, "classes": classes}
+    if dist.is_main():
+        write_json(out / "run.json", run_record(config, seeds, args, status="running", num_points=len(specs)))
+    jsonl = out / "results.jsonl"
+    done = read_results(jsonl)
+    todo = [s for s in specs if point_key(s) not in done]
+    dist.barrier()
+    r, world = dist.rank(), dist.world_size()
+    mine = todo[r::world]
+    cache: dict = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = load_model(name, dev)
+        return cache[name]
+
+    stop_after = int(os.environ.get("AUTOGUIDANCE_STOP_AFTER_POINTS", "0") or 0)
+    for n_done, spec in enumerate(tqdm.tqdm(mine, desc=f"sweep (rank 0 of {world})", unit="point",
+                                            disable=not (progress and r == 0)), start=1):
+        t0 = time.perf_counter()
+        D = build_method(spec, load=load, device=dev)
+        net = load(spec.net)
+        shape, dim = sample_shape(net), label_dim(net)
+        x, labels = _sample_point(D, list(seeds), shape, parse_classes(classes, dim), dim, spec, batch, dev)
+        feats = extractor(x)
+        stats = RunningStats(feats.shape[1]).update(feats)
+        res = score(stats, feats if prdc else None, ref_st, ref_feats)
+        correct, labelled = extractor.correct(feats, labels)
+        if labelled:
+            res["accuracy"] = correct / labelled
+        rec = {"key": point_key(spec), "label": spec.label(), "method": spec.method, "w": spec.w, "p": spec.p,
+               "interval": list(spec.interval) if spec.interval else None, **res,
+               "seconds": round(time.perf_counter() - t0, 3), "rank": r}
+        append_result(jsonl, rec)
+        if stop_after and n_done >= stop_after:
+            os._exit(3)
+    dist.barrier()
+    done = read_results(jsonl)
+    results = [done[point_key(s)] for s in specs if point_key(s) in done]
+    if dist.is_main():
+        write_json(out / "results.json", {"seeds": format_seeds(seeds), "space": space, "ref": ref or ref_stats,
+                                          "results": results})
+        plot_sweep(results, out / "sweep.png")
+        write_json(out / "run.json", run_record(config, seeds, args, status="complete", num_points=len(specs)))
+    return results
+
+
+def _run(args) -> int:
+    check_weights(args.space, args.inception_weights, args.dinov2_weights)
+    base = spec_from_args(args)
+    if not base.net:
+        raise ValueError("no model: pass --net or set net in --config")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = grid(base, methods, parse_floats(args.w_grid, None, "--w"),
+                 parse_floats(args.p_grid, None, "--p"),
+                 parse_intervals(args.intervals))
+    seeds = parse_seeds(args.seeds)
+    dist.init()
+    try:
+        results = run_sweep(specs, seeds, args.out, space=args.space, ref=args.ref, ref_stats=args.ref_stats,
+                            ref_n=args.ref_n, ref_seed=args.ref_seed, prdc=not args.no_prdc, classes=args.classes,
+                            batch=args.batch, device=args.device, inception_weights=args.inception_weights,
+                            dinov2_weights=args.dinov2_weights, progress=not args.no_progress, args=args)
+        if dist.is_main():
+            for rec in results:
+                extra = "".join(f"  {m} {rec[m]:.4f}" for m in METRIC_NAMES[1:] if m in rec)
+                print(f"{rec['label']:48s} FD {rec['fd']:.5g}{extra}")
+            print(f"{len(results)} points; results in {Path(args.out) / 'results.json'}, plot sweep.png")
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="metrics over a grid of w, p and intervals for several methods "
+                              "(resumable; torchrun-ready)", description=__doc__.split("\n\n")[0],
+                              epilog="See docs/evaluation.md.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_method_arguments(p, with_grid=True)
+    gr = p.add_argument_group("grid")
+    gr.add_argument("--methods", default="autoguidance", help="comma-separated methods (see `sample --method`)")
+    gr.add_argument("--w", dest="w_grid", default="1,2,3", help="guidance weights, comma-separated")
+    gr.add_argument("--p", dest="p_grid", default="0.1",
+                    help="perturbation strengths (insitu, perturbation), comma-separated")
+    gr.add_argument("--intervals", default="none", help="sigma intervals LO:HI or none, comma-separated")
+    add_metric_arguments(p)
+    o = p.add_argument_group("run")
+    o.add_argument("--out", required=True, help="output folder (rerun on it to resume)")
+    o.add_argument("--seeds", default="0-255", help="seeds of every grid point, e.g. 0-999")
+    o.add_argument("--classes", default="all", help="'all' or class indices: seed s gets classes[s %% len]")
+    o.add_argument("--batch", type=int, default=256, help="images per sampler call")
+    o.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run, _parser=p)

@@ -1,0 +1,288 @@
+"""EDM2 training of class-conditional U-Nets on a real image set (Karras et al. 2024, "Analyzing and Improving
+the Training Dynamics of Diffusion Models", Sec. 2-3 and App. B), with snapshots and exact resume.
+
+Loss (paper Eq. 21, as the official `EDM2Loss`): per image, noise level `ln sigma ~ N(P_mean, P_std^2)`,
+noisy input `y + sigma n`, and
+
+    L = E[ lambda(sigma) / exp(u(sigma)) * (D(y + sigma n; sigma, c) - y)^2 + u(sigma) ]
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+
+where `u(sigma)` is the net's learned log-variance head (`EDM2Precond.logvar`): the uncertainty weighting that
+equalises the loss over sigma. Here the squared error is averaged (not summed) over pixels; Adam is invariant
+to that constant. Optimiser: Adam (betas 0.9, 0.99, eps 1e-8), learning rate
+
+    lr(t) = lr_ref / sqrt(max(t / t_ref, 1)) * min(t / t_rampup, 1)       (inverse square-root decay, Eq. 69)
+
+Power-function EMAs of several relative lengths are kept at once (`PowerFunctionEMA`), so the main net's and
+the guide's EMA can be tuned separately after training. Snapshots at chosen fractions of training write
+every EMA as a checkpoint folder (`autoguidance.checkpoint`), and the complete training state (net, Adam, EMAs,
+RNG states, step) as safetensors + JSON, never pickle: `resume=` continues bit-identically to an uninterrupted
+run with the same seed (checked by `tests/test_train_edm.py`).
+
+Randomness: one `torch.Generator` seeded by `seed` draws, per iteration and in this order, the batch indices,
+the noise levels, the noise and the label-dropout mask; the global torch RNG (seeded once) draws the initial
+weights and the training-time dropout masks. Both states are part of the saved training state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import tqdm
+
+from ..checkpoint import save
+from ..io import atomic_path, write_json
+from ..nets.edm2 import EDM2Precond
+from .ema import PowerFunctionEMA
+
+__all__ = ["DIGITS_NETS", "digits_net_config", "EDM2TrainConfig", "edm2_loss", "learning_rate", "train_edm2",
+           "snapshot_name", "snapshot_iterations", "save_train_state", "load_train_state", "STATE_FORMAT"]
+
+STATE_FORMAT = "autoguidance-train-state"
+
+#: EDM2-style U-Nets sized for 8x8 digits (two levels, 8x8 and 4x4, self-attention at 4x4). The XS/S channel
+#: ratio (8/12) is the papers' 128/192; XS has ~0.45x S's parameters (papers: 125M / 280M).
+DIGITS_NETS: dict[str, dict] = {
+    "S":   dict(model_channels=12, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4], channels_per_head=8,
+                logvar_channels=16),
+    "XS":  dict(model_channels=8, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4], channels_per_head=8,
+                logvar_channels=16),
+    "XXS": dict(model_channels=4, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=4,
+                logvar_channels=8),   # for tests
+}
+
+
+def digits_net_config(size: str = "S", label_dim: int = 10, dropout: float = 0.0) -> dict:
+    """`EDM2Precond` constructor kwargs of a digits net: `[N, 1, 8, 8]` images, `label_dim` classes (0 =
+    unconditional), `dropout` in every block's residual branch (training only, and in-situ guidance)."""
+    if size not in DIGITS_NETS:
+        raise ValueError(f"unknown digits net size {size!r}; known: {', '.join(DIGITS_NETS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if label_dim < 0:
+        raise ValueError(f"label_dim must be >= 0 (0 = unconditional), got {label_dim}")
+    return dict(img_resolution=8, img_channels=1, label_dim=label_dim, use_fp16=False, sigma_data=0.5,
+                dropout=dropout, **DIGITS_NETS[size])
+
+
+@dataclass
+class EDM2TrainConfig:
+    """Everything that determines a training run (saved in every checkpoint's meta and in the training state)."""
+
+    net: dict                                   # EDM2Precond constructor kwargs
+    iters: int = 2048                           # training iterations T
+    batch: int = 128                            # images per iteration
+    seed: int = 0                               # seeds the weights, batches, noise and dropout
+    P_mean: float = -0.8                        # ln(sigma) ~ N(P_mean, P_std^2) (EDM2 img64 values)
+    P_std: float = 1.6
+    lr_ref: float = 1e-2                        # lr(t) = lr_ref / sqrt(max(t / t_ref, 1)) * min(t / t_rampup, 1)
+    t_ref: int = 512                            # iterations before the inverse-sqrt decay starts
+    t_rampup: int = 32                          # linear warm-up iterations
+    betas: tuple = (0.9, 0.99)                  # Adam
+    ema_stds: tuple = (0.050, 0.150)            # power-function EMA relative stds kept side by side
+    snapshots: tuple = (1.0,)                   # fractions of `iters` at which every EMA is written
+    label_dropout: float = 0.0                  # probability of zeroing a label row (CFG from one net)
+    data: str = "digits"                        # dataset name
+    data_subset: str = "all"                    # 'all' or 'half' (the "less data" guide)
+
+    def __post_init__(self):
+        if self.iters < 1 or self.batch < 1:
+            raise ValueError(f"iters and batch must be >= 1, got {self.iters}, {self.batch}")
+        if not self.ema_stds:
+            raise ValueError("ema_stds must name at least one EMA length, e.g. (0.05, 0.15)")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        self.betas = tuple(float(b) for b in self.betas)
+        self.ema_stds = tuple(float(s) for s in self.ema_stds)
+        self.snapshots = tuple(float(f) for f in self.snapshots)
+        snapshot_iterations(self.iters, self.snapshots)  # validates
+
+
+def snapshot_iterations(iters: int, fractions: Sequence[float]) -> dict[int, float]:
+    """`{iteration: fraction}` for snapshot fractions of `iters` (rounded to the nearest iteration, >= 1)."""
+    out = {}
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"snapshot fractions must lie in (0, 1], got {f} (e.g. 0.0625 for T/16)")
+        out[max(1, round(f * iters))] = f
+    return dict(sorted(out.items()))
+
+
+def snapshot_name(fraction: float, std: float) -> str:
+    """Folder suffix of one EMA at one snapshot: 'T-ema050' (end of training, std 0.050), 'T16-ema150' (T/16),
+    'f0.375-ema050' for a fraction that is not 1/k."""
+    fr = Fraction(fraction).limit_denominator(1024)
+    tag = "T" if fr == 1 else (f"T{fr.denominator}" if fr.numerator == 1 else f"f{fraction:g}")
+    return f"{tag}-ema{round(std * 1000):03d}"
+
+
+def learning_rate(t: int, lr_ref: float, t_ref: int, t_rampup: int) -> float:
+    """Learning rate for the update after `t` completed iterations (EDM2 Eq. 69 plus a linear warm-up)."""
+    lr = lr_ref / math.sqrt(max(t / t_ref, 1.0)) if t_ref > 0 else lr_ref
+    if t_rampup > 0:
+        lr *= min((t + 1) / t_rampup, 1.0)
+    return lr
+
+
+def edm2_loss(net: EDM2Precond, images: torch.Tensor, labels: Optional[torch.Tensor], sigma: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """Per-image EDM2 loss `[N]` (see module docstring). `images`, `noise`: `[N, C, H, W]`; `sigma`: `[N]`;
+    `labels`: `[N, label_dim]` or None."""
+    sd = net.sigma_data
+    weight = ((sigma**2 + sd**2) / (sigma * sd) ** 2).reshape(-1, 1, 1, 1)
+    D, logvar = net(images + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels, return_logvar=True)
+    per_pixel = weight / logvar.exp() * (D - images).square() + logvar
+    return per_pixel.mean(dim=(1, 2, 3))
+
+
+# -- training state: safetensors + JSON ------------------------------------------------------------------------
+
+def save_train_state(path, *, config: EDM2TrainConfig, step: int, net: torch.nn.Module,
+                     opt: torch.optim.Optimizer, ema: PowerFunctionEMA, gen: torch.Generator,
+                     seconds: float) -> Path:
+    """Write the complete training state to folder `path` (`state.safetensors` + `state.json`), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in net.state_dict().items():
+        tensors[f"net.{k}"] = v
+    for s, m in ema.averages.items():
+        for k, v in m.state_dict().items():
+            tensors[f"ema.{s!r}.{k}"] = v
+    opt_state = opt.state_dict()
+    opt_keys: dict[str, list[str]] = {}
+    for idx, st in opt_state["state"].items():
+        opt_keys[str(idx)] = sorted(st)
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v)
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": STATE_FORMAT, "version": 1, "step": step, "seconds": seconds, "config": asdict(config),
+            "ema_steps": ema.steps, "opt_param_groups": opt_state["param_groups"], "opt_keys": opt_keys}
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "state.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    write_json(path / "state.json", meta)  # written last: a state folder with a state.json is complete
+    return path
+
+
+def load_train_state(path, *, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: PowerFunctionEMA,
+                     gen: torch.Generator, config: Optional[EDM2TrainConfig] = None) -> dict:
+    """Restore a state written by `save_train_state` into the given objects; returns its JSON record.
+    With `config`, refuses a state from a run with different settings (other than the snapshot list)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
+        raise FileNotFoundError(f"{path} is not a training state folder (needs state.json and state.safetensors, "
+                                "as written by `autoguidance train` into --state-dir)")
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}/state.json is not an {STATE_FORMAT} record")
+    if config is not None:
+        mine, theirs = asdict(config), dict(meta["config"])
+        mine.pop("snapshots"), theirs.pop("snapshots", None)
+        diff = {k: (theirs.get(k), v) for k, v in json.loads(json.dumps(mine)).items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"cannot resume from {path}: its run used other settings {{name: (saved, now)}}: {diff}. "
+                             "Resume with the same arguments as the interrupted run")
+    t = load_file(str(path / "state.safetensors"))
+    net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")}, strict=True)
+    ema.load_state_dict({"steps": meta["ema_steps"], "stds": list(ema.stds),
+                         "averages": {str(s): {k[len(f"ema.{s!r}."):]: v for k, v in t.items()
+                                               if k.startswith(f"ema.{s!r}.")} for s in ema.stds}})
+    opt.load_state_dict({"state": {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_keys"].items()},
+                         "param_groups": meta["opt_param_groups"]})
+    gen.set_state(t["rng.generator"])
+    torch.set_rng_state(t["rng.torch"])
+    return meta
+
+
+# -- the training loop -----------------------------------------------------------------------------------------
+
+def _dataset(name: str, subset: str):
+    if name != "digits":
+        raise ValueError(f"unknown dataset {name!r}; known: digits")
+    from ..data.digits import load_digits
+    return load_digits("train", subset)
+
+
+def train_edm2(
+    config: EDM2TrainConfig,
+    out=None,                         # checkpoint prefix: EMAs go to '<out>-<snapshot_name>' folders; None: none
+    state_dir=None,                   # where training states go ('<state_dir>/iter-XXXXXX'); None: no states
+    resume=None,                      # a training state folder to continue from
+    state_every: int = 0,             # also save the training state every this many iterations (0: snapshots only)
+    stop_after: Optional[int] = None, # stop (after saving the state) at this iteration: simulates an interruption
+    progress: bool = True,
+    meta: Optional[dict] = None,      # extra provenance for every checkpoint (e.g. the command line)
+) -> dict:
+    """Train an `EDM2Precond` with the EDM2 loss; returns `{'net', 'ema', 'step', 'seconds', 'written'}`.
+
+    Snapshots: at each fraction f of `config.iters`, every EMA length is saved as a checkpoint folder
+    `<out>-<snapshot_name(f, std)>` whose meta records the iteration, the training seconds so far (the guide's
+    training cost) and `meta`; with `state_dir`, the training state is saved there too (`iter-XXXXXX`)."""
+    data = _dataset(config.data, config.data_subset)
+    images, labels = data.images, data.labels
+    torch.manual_seed(config.seed)
+    net = EDM2Precond(**config.net).train().requires_grad_(True)
+    if net.label_dim not in (0, labels.shape[1]):
+        raise ValueError(f"net label_dim {net.label_dim} does not match the data's {labels.shape[1]} classes")
+    ema = PowerFunctionEMA(net, stds=config.ema_stds)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr_ref, betas=config.betas, eps=1e-8)
+    gen = torch.Generator().manual_seed(config.seed)
+    step, seconds = 0, 0.0
+    if resume is not None:
+        rec = load_train_state(resume, net=net, opt=opt, ema=ema, gen=gen, config=config)
+        step, seconds = int(rec["step"]), float(rec["seconds"])
+    snaps = snapshot_iterations(config.iters, config.snapshots)
+    record = dict(train=json.loads(json.dumps(asdict(config))), **(meta or {}))
+    written: list[str] = []
+    end = config.iters if stop_after is None else min(int(stop_after), config.iters)
+    bar = tqdm.tqdm(range(step, end), initial=step, total=config.iters, disable=not progress, unit="it",
+                    desc=f"train edm2 c{config.net.get('model_channels')} d{config.net.get('dropout', 0)}")
+    t_last = time.perf_counter()
+    for t in bar:
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(t, config.lr_ref, config.t_ref, config.t_rampup)
+        idx = torch.randint(len(images), (config.batch,), generator=gen)
+        sigma = (torch.randn(config.batch, generator=gen) * config.P_std + config.P_mean).exp()
+        noise = torch.randn(config.batch, *images.shape[1:], generator=gen)
+        keep = torch.rand(config.batch, generator=gen) >= config.label_dropout
+        y = images[idx]
+        c = (labels[idx] * keep[:, None].to(labels.dtype)) if net.label_dim else None
+        loss = edm2_loss(net, y, c, sigma, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in net.parameters():  # as EDM2: replace non-finite gradients, so one bad batch cannot poison Adam
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
+        opt.step()
+        ema.update(net)
+        step = t + 1
+        now = time.perf_counter()
+        seconds += now - t_last
+        t_last = now
+        if t % 16 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step in snaps and out is not None:
+            for s, avg in ema.averages.items():
+                folder = Path(f"{out}-{snapshot_name(snaps[step], s)}")
+                save(avg, folder, meta=dict(record, iteration=step, fraction=snaps[step], ema_std=s,
+                                            train_seconds=round(seconds, 2)))
+                written.append(str(folder))
+        save_state = state_dir is not None and (step in snaps or step == end or
+                                                (state_every > 0 and step % state_every == 0))
+        if save_state:
+            save_train_state(Path(state_dir) / f"iter-{step:06d}", config=config, step=step, net=net, opt=opt,
+                             ema=ema, gen=gen, seconds=seconds)
+        t_last = time.perf_counter()  # saving is not training time
+    bar.close()
+    return {"net": net, "ema": ema, "step": step, "seconds": seconds, "written": written}
