@@ -45,12 +45,12 @@ class Pass:
     perturbation: Optional[Perturbation] = None   # degrade this pass (in-situ guidance)
     module: Optional[torch.nn.Module] = None      # where the perturbation's hooks go (default: net)
 
-    def hook_target(self) -> torch.nn.Module:
-        target = self.module if self.module is not None else self.net
-        if not isinstance(target, torch.nn.Module):
-            raise TypeError("a perturbed pass needs a torch.nn.Module to hook: pass module=<the network> when the "
-                            "denoiser is a plain function")
-        return target
+    def hook_target(self) -> Optional[torch.nn.Module]:
+        """The module the perturbation's hooks go on: `module`, else the net if it is a Module, else None
+        (fine for perturbations that only change the inputs, such as InputNoise)."""
+        if self.module is not None:
+            return self.module
+        return self.net if isinstance(self.net, torch.nn.Module) else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -196,6 +196,9 @@ class Perturbation:
         """Within the block, `model`'s forward degrades the batch rows where `rows` is True.
         `keys` `[B]` int64 seeds the randomness row by row; `sigma` `[B]` evaluates strength schedules.
         Every hook is removed on exit, also after an exception."""
+        if model is None and type(self)._hooks is not Perturbation._hooks:
+            raise TypeError(f"{type(self).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
+                            "the denoiser is a plain function")
         with ExitStack() as stack:
             for h in self._hooks(model, rows, keys, sigma):
                 h = h if isinstance(h, Hook) else Hook(*h)

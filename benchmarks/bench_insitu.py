@@ -20,6 +20,7 @@ denoiser call, and reports the peak RSS (VmHWM); the cost of a method is its pea
 (tracemalloc does not see torch's allocations, and torch has no CPU allocator statistics.)
 
     python benchmarks/bench_insitu.py [--quick] [--threads 1] [--json ...] [--doc docs/benchmarks.md]
+    python benchmarks/bench_insitu.py --render benchmarks/results/insitu.json     # rewrite the doc only
 """
 from __future__ import annotations
 
@@ -214,12 +215,15 @@ def write_doc(path: Path, result: dict) -> None:
     weights = next((r["weights_mb"] for r in m if r["method"] == "unguided"), float("nan"))
     goal = ""
     if unet64 is not None:
-        ratio = unet64["ratio"]["insitu-batched"]
+        r = unet64["ratio"]
+        vs_two = 2 * r["insitu-batched"] / r["autoguidance-2models"]
         goal = (f"**Goal check.** At batch 64 on the U-Net, in-situ guidance as one batched call costs "
-                f"**{ratio:.2f}x** the unguided wall time per sample, which "
-                f"{'meets' if ratio <= 2.1 else 'misses'} the goal of at most 2.1x. Two sequential calls: "
-                f"{unet64['ratio']['insitu-2calls']:.2f}x; two-model autoguidance: "
-                f"{unet64['ratio']['autoguidance-2models']:.2f}x.")
+                f"**{r['insitu-batched']:.2f}x** the unguided wall time per sample "
+                f"({'within' if r['insitu-batched'] <= 2.1 else 'above'} the goal of at most 2.1x); two sequential "
+                f"calls {r['insitu-2calls']:.2f}x, two-model autoguidance {r['autoguidance-2models']:.2f}x. "
+                f"Two-model autoguidance runs exactly two unguided-sized calls, so its deviation from 2.00x is the "
+                f"noise of the unguided median; measured against half its time instead, in-situ guidance as one "
+                f"call costs **{vs_two:.2f}x**.")
     note = ""
     if m:
         b = max(r["batch"] for r in m)
@@ -278,8 +282,10 @@ masks, keys, concatenation) shows in the ratio at small batches; on the U-Net th
 
 {note} Two-model autoguidance pays for a second set of weights at every batch size. In-situ guidance holds no
 second set of weights; as one call it keeps the activations of 2N rows alive at once, as two calls (`max_batch=N`)
-those of N rows, as unguided sampling does. The weights of real models are far larger than this U-Net's
-(EDM2-S: 280M parameters, 1.1 GB in fp32; its XS guide 125M, 0.5 GB).
+those of N rows at a time, plus the dropout masks and the first call's output. So on a net this small, whose
+weights are 26 MB, one call of 2N rows can cost more memory than a second model; the weights of real models
+are far larger (EDM2-S: 280M parameters, 1.1 GB in fp32; its XS guide 125M, 0.5 GB), and `max_batch` bounds the
+activations.
 
 ### Machine
 
@@ -296,10 +302,15 @@ def main(argv=None) -> int:
                     help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "insitu.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report ('' = none)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite --doc from the numbers of an earlier run")
     ap.add_argument("--probe", nargs=3, metavar=("MODEL", "METHOD", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
         print(json.dumps(memory_probe(args.probe[0], args.probe[1], int(args.probe[2]))))
+        return 0
+    if args.render:
+        write_doc(Path(args.doc), json.loads(Path(args.render).read_text()))
+        print(f"wrote {args.doc}")
         return 0
 
     if args.threads:

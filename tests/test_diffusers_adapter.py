@@ -17,15 +17,6 @@ from autoguidance.perturb import BlockDrop, Dropout, IdentityAttention, InputNoi
 from conftest import assert_same_state, state_snapshot  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets on a shared 2-core CPU: one intra-op thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),

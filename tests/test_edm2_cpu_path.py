@@ -32,14 +32,6 @@ RUN = ["edm2-img512-s-fid", "edm2-img512-s-guid-fid", "edm2-img512-s-interval-fi
        "edm2-img512-s-uncond-autog-fid", "edm2-img64-s-autog-fid", "edm2-img512-s-insitu", "edm2-img512-m-insitu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_edm2(arch: str, label_dim: int, seed: int = 0) -> tuple[EDM2Precond, dict]:
     """A random EDM2 net of architecture `arch` scaled down by SCALE, with every scalar gain (out_gain, emb_gain;
     0 at initialisation) set to U(0.3, 1.5) so that every path matters. Returns (net in eval mode, settings)."""

@@ -14,7 +14,7 @@ import autoguidance as ag
 from autoguidance.cli import build_parser, main
 from autoguidance.edm2_import import PickleRefused, import_edm2, read_config, read_state_dict
 from autoguidance.nets.edm2 import EDM2Precond
-from test_edm2_cpu_path import _one_thread, small_edm2, write_official  # noqa: F401 (_one_thread: autouse fixture)
+from test_edm2_cpu_path import small_edm2, write_official
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,6 @@ SMALL = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=32, 
              attn_resolutions=[4])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These nets are tiny: one intra-op thread is ~100x faster than two on a shared, busy 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference():
     from safetensors.torch import load_file

@@ -131,3 +131,12 @@ def test_bad_call_inputs_are_rejected():
         D(torch.zeros(2, 2), 1.0, torch.zeros(3, 4))
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         D([[0.0, 0.0]], 1.0)
+
+
+def test_input_noise_guidance_works_on_a_plain_function_and_hooks_need_a_module():
+    f = GaussianDenoiser()
+    x = torch.randn(6, 2)
+    out = ag.perturbation_guidance(f, 2.0, ag.InputNoise(0.2))(x, 0.5)
+    assert out.shape == x.shape and not torch.allclose(out, f(x, 0.5))
+    with pytest.raises(TypeError, match="pass module="):
+        ag.perturbation_guidance(f, 2.0, ag.Dropout(0.1, where="x"))(x, 0.5)

@@ -18,15 +18,6 @@ from autoguidance.sample_cli import write_shard
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as the subprocesses get: tiny nets on a shared 2-core CPU run far faster so."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     """A sample folder of 4 shards (2D points near the toy's class A) and the whole set."""

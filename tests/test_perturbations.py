@@ -25,15 +25,6 @@ TINY = dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, ch
             attn_resolutions=[4], channels_per_head=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets on a shared 2-core CPU: one intra-op thread is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_edm2(seed: int = 0) -> EDM2Precond:
     torch.manual_seed(seed)
     net = EDM2Precond(**TINY)

@@ -24,15 +24,6 @@ TOY = ["--net", "toy-denoiser-main", "--method", "autoguidance", "--gnet", "toy-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as the subprocesses get: tiny nets on a shared 2-core CPU run far faster so."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _shards(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "shards").glob("*.npz"))}
 

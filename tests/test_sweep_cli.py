@@ -15,13 +15,6 @@ from autoguidance.sweep_cli import append_result, grid, parse_intervals, read_re
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as the subprocesses get: tiny nets on a shared 2-core CPU run far faster so."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 SWEEP = ["sweep", "--net", "toy-denoiser-main", "--gnet", "toy-denoiser-guide", "--methods", "none,autoguidance",
          "--w", "2,3", "--sigma-max", "5", "--steps", "4", "--seeds", "0-31", "--space", "raw", "--ref", "toy:A",
          "--ref-n", "300", "--no-progress"]
