@@ -1,6 +1,6 @@
 """Per-sample randomness that does not depend on batch size.
 
-Two sources, both keyed by the image's seed:
+Three sources, all keyed by the image's seed:
 
 - `StackedGenerators`: one `torch.Generator` per image, for the sampler's initial noise and churn noise
   (as EDM2's per-image seeding). Image i's noise is the same in a batch of 1000 or in four batches of 250.
@@ -8,6 +8,8 @@ Two sources, both keyed by the image's seed:
   for perturbations that run on every denoiser call. A per-row key mixes the image seed, the denoiser-call
   index and the perturbation site, so a masked pass reproduces from the seed whatever rows it shares a batch
   with, at no per-row generator cost.
+- `dropout_keep`: a 32-bit counter hash for dropout masks, the hot path of in-situ guidance (one draw per
+  activation at every site).
 
 The sampler publishes the current rows' seeds and the call index through `noise_context`; perturbations read
 it with `current_keys`. Outside a sampler (a plain `D(x, sigma)` call) keys fall back to the row index.
