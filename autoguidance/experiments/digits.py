@@ -631,13 +631,15 @@ EXPERIMENTS = {
 }
 
 
-NOTES = {"table": "Best w (and guide EMA) per method; 'ImageNet (papers)' is EDM2-S 512 FID / FD_DINOv2 at "
-                 "its best w (RESEARCH.md section 2).",
-        "degradations": "Main S at T (trained without dropout) degraded at sampling time; guided = D_bad + "
-                        "w (D_good - D_bad) at the best w (w = 1 allowed: no gain). Dropout masks of the two "
-                        "passes share per-row random numbers (the 10% mask contains the 5% mask).",
-        "failures": "Each guide at its best w on the same S main; compare with the first row.",
-        "schedules": "Each schedule at its best peak w; guide EMA 0.150; in-situ p = 0.1."}
+NOTES = {
+    "table": "Best w (and guide EMA) per method; 'ImageNet (papers)' is EDM2-S 512 FID / FD_DINOv2 at its best w "
+             "(RESEARCH.md section 2).",
+    "degradations": "Main S at T (trained without dropout) degraded at sampling time; guided = D_bad + w (D_good - "
+                    "D_bad) at the best w (w = 1 allowed: no gain). Dropout masks of the two passes share per-row "
+                    "random numbers (the 10% mask contains the 5% mask).",
+    "failures": "Each guide at its best w on the same S main; compare with the first row.",
+    "schedules": "Each schedule at its best peak w; guide EMA 0.150; in-situ p = 0.1.",
+}
 
 
 def run_experiment(name: str, out, settings: Settings = FULL, weights=None, methods=None,
