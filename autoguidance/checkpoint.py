@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .io import write_json
+from .io import current_umask, write_json
 
 __all__ = ["save", "load", "load_config", "shipped", "register_family", "WEIGHTS_DIR", "CheckpointError"]
 
@@ -25,6 +25,7 @@ FORMAT = "autoguidance-checkpoint"
 VERSION = 1
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 _FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {}
+_BUILTINS_REGISTERED = False
 
 
 class CheckpointError(ValueError):
@@ -37,9 +38,11 @@ def register_family(name: str, constructor: Callable[..., torch.nn.Module]) -> N
 
 
 def _constructor(family: str):
-    if not _FAMILIES:  # built-in families, registered lazily to keep imports light
+    global _BUILTINS_REGISTERED
+    if not _BUILTINS_REGISTERED:  # built-in families, registered lazily to keep imports light
         from .nets import register_builtin_families
         register_builtin_families()
+        _BUILTINS_REGISTERED = True
     if family not in _FAMILIES:
         raise CheckpointError(f"unknown network family {family!r}; known: {sorted(_FAMILIES)}. "
                               "Register it with autoguidance.checkpoint.register_family(name, constructor)")
@@ -79,9 +82,7 @@ def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the permissions mkdir would
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder the permissions mkdir would
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))

@@ -74,3 +74,13 @@ def test_toy_nets_reject_wrong_shapes_and_labels():
         net(torch.zeros(4), 1.0)
     with pytest.raises(ValueError, match="takes labels=None"):
         net(torch.zeros(4, 2), 1.0, torch.zeros(4, 10))
+
+
+def test_builtin_families_load_in_a_fresh_process_even_after_a_custom_registration():
+    import subprocess
+    import sys
+    code = ("import autoguidance as ag; from autoguidance.checkpoint import register_family; "
+            "register_family('mine', lambda **k: None); "
+            "print(type(ag.load('digits-features')).__name__, type(ag.load('toy-logp-main')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["DigitsClassifier", "LogDensityMLP"]

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import WEIGHTS_DIR, register_family, save
+from ..checkpoint import WEIGHTS_DIR, save
 
 __all__ = ["DigitsClassifier", "train_feature_net", "load_feature_net", "reference_features", "FEATURES_DIR",
            "extract"]
@@ -63,13 +63,6 @@ class DigitsClassifier(torch.nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
-def _ensure_families() -> None:
-    from ..nets import register_builtin_families
-    register_builtin_families()  # the loader registers built-ins only when its registry is empty
-    register_family(DigitsClassifier.family, DigitsClassifier)
-
-
-_ensure_families()
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -145,7 +138,6 @@ def load_feature_net(path=None) -> DigitsClassifier:
     """The shipped feature net (or the checkpoint folder `path`), eval mode, gradients off."""
     from ..checkpoint import load
 
-    _ensure_families()
     path = Path(path) if path is not None else FEATURES_DIR
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no digits feature net at {path}: train it with "

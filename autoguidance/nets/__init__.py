@@ -13,3 +13,5 @@ def register_builtin_families() -> None:
     register_family(LogDensityMLP.family, LogDensityMLP)
     register_family(DenoiserMLP.family, DenoiserMLP)
     register_family(EDM2Precond.family, EDM2Precond)
+    from ..metrics.features import DigitsClassifier  # the feature network of the digits metrics
+    register_family(DigitsClassifier.family, DigitsClassifier)
