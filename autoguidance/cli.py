@@ -4,6 +4,9 @@
     autoguidance toy train --out DIR ...       train a toy network (exact score matching)
     autoguidance toy compat                    exact compatibility of each guide: cos(D_good - D_bad, D_true - D_good)
     autoguidance models                        list the shipped checkpoints and the commands that made them
+    autoguidance sample | metrics | sweep      many samples, their metrics, grids of settings (torchrun-ready)
+    autoguidance train | digits                EDM2-style U-Nets on real digits, and the papers' tables on them
+    autoguidance sites | presets | import-edm2 where perturbations can go; the papers' EDM2 configurations
 
 Each subcommand lives in its own module, which provides `add_parser(subparsers)`; the parser it adds sets
 `func` (called with the parsed args, returns the exit code). Add a subcommand by naming its module in
