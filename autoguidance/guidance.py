@@ -71,7 +71,8 @@ def _weight(w: ScheduleLike, interval: Optional[tuple[float, float]]) -> Schedul
 class Guided:
     """A guided denoiser: `D = D_main + sum_i (w_i(sigma) - 1) (D_main - D_i)`.
 
-    `stats` counts the rows evaluated per pass (main, guide0, ...), so skipped passes show.
+    `stats` counts the rows evaluated per pass (main, guide0, ...), so skipped passes show, and the network
+    forward calls made (`forward_calls`, one per `max_batch` chunk).
     """
 
     def __init__(self, main: Union[Pass, Callable], guides: Sequence[Guide] = (), max_batch: Optional[int] = None):
@@ -118,7 +119,6 @@ class Guided:
         results: list[Optional[torch.Tensor]] = [None] * len(jobs)
         for call in _plan_calls(jobs):
             self._run_call(call, jobs, x, sigma, labels, keys, results)
-            self.stats["forward_calls"] += 1
         return results  # type: ignore[return-value]
 
     def _run_call(self, call: list[int], jobs, x, sigma, labels, keys, results) -> None:
@@ -144,6 +144,7 @@ class Guided:
         for a in range(0, n, step):
             b = min(a + step, n)
             lab = lc[a:b] if lc is not None else None
+            self.stats["forward_calls"] += 1           # network calls actually made, max_batch chunks included
             if pert is not None and bool(dc[a:b].any()):
                 with pert.perturbation.active(pert.hook_target(), dc[a:b], kc[a:b], sc[a:b]):
                     outs.append(net(xc[a:b], sc[a:b], lab))

@@ -93,8 +93,10 @@ def test_max_batch_splits_calls_without_changing_the_result():
     net = tiny_denoiser_mlp()
     x, s = torch.randn(40, 2), torch.full((40,), 0.4)
     full = ag.insitu(net, 3.0, 0.2)(x, s)
-    split = ag.insitu(net, 3.0, 0.2, max_batch=7)(x, s)
+    D = ag.insitu(net, 3.0, 0.2, max_batch=7)
+    split = D(x, s)
     assert (full - split).abs().max() < 1e-6
+    assert D.stats["forward_calls"] == 12              # 80 rows (exact + dropout) in chunks of 7
 
 
 def test_schedules():
