@@ -28,7 +28,7 @@ def _command_line() -> str:
 SUBCOMMANDS = [
     "autoguidance.experiments.toy_demo",
     "autoguidance.train_cli",
-    "autoguidance.experiments.digits",
+    "autoguidance.experiments.digits_cli",
     "autoguidance.edm2_import",
     "autoguidance.presets",
     "autoguidance.sites_cli",

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .rng import dropout_keep, hash_normal, hash_uniform, mix_keys
+from .rng import DropoutMasks, dropout_keep, hash_normal, hash_uniform, mix_keys, mix_keys_per_salt
 from .schedules import Schedule, _finite, as_schedule, check_probability
 
 __all__ = ["Perturbation", "Hook", "Dropout", "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention",
@@ -127,6 +126,21 @@ class _RowSet:
             return torch.cat([t[:a], rows, t[b:]])
         return t.index_copy(0, self.idx, rows)
 
+    def put_product(self, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """`put(t, take(t) * factor)`, writing the product straight into the result when no gradient is needed
+        (one pass over the degraded rows fewer; a call whose rows are all degraded makes no copy at all)."""
+        n = t.shape[0]
+        if self.span == (0, n):
+            return t * factor
+        if self.span is None or (torch.is_grad_enabled() and (t.requires_grad or factor.requires_grad)):
+            return self.put(t, self.take(t) * factor)
+        a, b = self.span
+        res = torch.empty_like(t, memory_format=torch.contiguous_format)
+        res[:a].copy_(t[:a])
+        res[b:].copy_(t[b:])
+        torch.mul(t[a:b], factor, out=res[a:b])
+        return res
+
 
 @dataclass(frozen=True)
 class Hook:
@@ -206,20 +220,19 @@ class Dropout(Perturbation):
             return []
         hooks = []
         degraded = _RowSet(idx)
+        masks = DropoutMasks(p)                              # p's thresholds and multipliers, once for all sites
+        all_keys = mix_keys_per_salt(mix_keys(keys[idx], 0xD120), range(len(sites)))   # [sites, M]
         for site_index, (path, module) in enumerate(sites):
-            site_keys = mix_keys(keys[idx], 0xD120, site_index)
 
-            def hook(mod, inp, out, site_keys=site_keys):
+            def hook(mod, inp, out, site_keys=all_keys[site_index]):
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"dropout site {type(mod).__name__} returns {type(out).__name__}, not a tensor; "
                                     "choose a module whose output is a tensor")
                 shape = list(out.shape[1:])
                 if self.mode == "channel" and out.ndim > 2:
                     shape = [shape[0]] + [1] * (out.ndim - 2)
-                keep = dropout_keep(site_keys.to(out.device), shape, p)          # [M, *shape] bool
-                p_rows = p.to(keep.device).reshape(-1, *([1] * (keep.ndim - 1)))
-                scale = keep.to(torch.float32).div_(1 - p_rows).to(out.dtype)    # 0 or 1/(1-p)
-                return degraded.put(out, degraded.take(out) * scale)             # exact rows untouched
+                scale = masks.scale(site_keys.to(out.device), shape)             # [M, *shape]: 0 or 1/(1-p)
+                return degraded.put_product(out, scale.to(out.dtype))           # exact rows untouched
 
             hooks.append((module, hook))
         return hooks

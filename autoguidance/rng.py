@@ -8,8 +8,8 @@ Three sources, all keyed by the image's seed:
   for perturbations that run on every denoiser call. A per-row key mixes the image seed, the denoiser-call
   index and the perturbation site, so a masked pass reproduces from the seed whatever rows it shares a batch
   with, at no per-row generator cost.
-- `dropout_keep`: a 32-bit counter hash for dropout masks, the hot path of in-situ guidance (one draw per
-  activation at every site).
+- `dropout_keep` / `dropout_scale`: a 32-bit counter hash for dropout masks, the hot path of in-situ guidance
+  (one draw per activation at every site).
 
 The sampler publishes the current rows' seeds and the call index through `noise_context`; perturbations read
 it with `current_keys`. Outside a sampler (a plain `D(x, sigma)` call) keys fall back to the row index.
@@ -24,8 +24,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["StackedGenerators", "as_seeds", "dropout_keep", "hash_uniform", "hash_normal", "mix_keys",
-           "noise_context", "current_keys"]
+__all__ = ["StackedGenerators", "as_seeds", "DropoutMasks", "dropout_keep", "dropout_scale", "hash_uniform",
+           "hash_normal", "mix_keys", "mix_keys_per_salt", "noise_context", "current_keys"]
 
 _M64 = (1 << 64) - 1
 
@@ -61,6 +61,12 @@ def mix_keys(keys: torch.Tensor, *salts: int) -> torch.Tensor:
     return k
 
 
+def mix_keys_per_salt(keys: torch.Tensor, salts: Sequence[int]) -> torch.Tensor:
+    """`[S, N]`: row s is `mix_keys(keys, salts[s])`, in one vectorised pass (per-site keys of a perturbation)."""
+    s = torch.tensor([_s64(int(v) * 0x632BE59BD9B4E019 + 1) for v in salts], dtype=torch.int64, device=keys.device)
+    return _splitmix(keys.to(torch.int64)[None, :] ^ s[:, None])
+
+
 def hash_uniform(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Uniform numbers in [0, 1) of shape `[N, *shape]`, row n a pure function of `keys[n]`."""
     numel = math.prod(shape)
@@ -80,6 +86,68 @@ def hash_normal(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 _WEYL32 = 0x9E3779B9 - (1 << 32)                        # 2^32 / golden ratio, as a signed int32
 _LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B - (1 << 32)), (16, None))  # C. Wellons' lowbias32 finaliser
+_COUNTERS: dict = {}                                     # (half, device) -> j * 0x9E3779B9 as int32 [half]
+
+
+def _counters(half: int, device) -> torch.Tensor:
+    """`j * 0x9E3779B9` for j < half (wrapping int32), cached per length: every call of a site needs the same."""
+    key = (half, str(device))
+    c = _COUNTERS.get(key)
+    if c is None:
+        if len(_COUNTERS) > 256:
+            _COUNTERS.clear()
+        c = _COUNTERS[key] = torch.arange(half, dtype=torch.int32, device=device).mul_(_WEYL32)
+    return c
+
+
+def _dropout_uniforms16(keys: torch.Tensor, numel: int) -> torch.Tensor:
+    """16-bit uniforms as int32 in [0, 2^16), `[N, 2 * ceil(numel / 2)]`: row n from `keys[n]` only (see
+    `dropout_keep`). All in-place int32 ops; int32 products wrap as uint32 ones do."""
+    half = (numel + 1) // 2
+    if half >= (1 << 31):
+        raise ValueError(f"a dropout site with {numel} elements per row is too large for 32-bit counters")
+    seeds = ((keys.to(torch.int64) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+    x = torch.bitwise_xor(_counters(half, keys.device)[None, :], seeds.to(torch.int32)[:, None])
+    u = torch.empty((len(keys), 2 * half), dtype=torch.int32, device=keys.device)
+    t = u[:, :half]                                   # scratch space, overwritten by the high halves below
+    for shift, mul in _LOWBIAS32:   # x ^= x >>> shift; x *= mul (>> is arithmetic: mask off the sign copies)
+        torch.bitwise_right_shift(x, shift, out=t)
+        x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1))
+        if mul is not None:
+            x.mul_(mul)
+    torch.bitwise_right_shift(x, 16, out=u[:, :half]).bitwise_and_(0xFFFF)   # high halves
+    torch.bitwise_and(x, 0xFFFF, out=u[:, half:])                             # low halves
+    return u
+
+
+class DropoutMasks:
+    """Dropout multipliers for rows with drop probabilities `p` `[N]`, prepared once per forward call and shared by
+    every site: `scale(keys, shape)` is `dropout_scale(keys, shape, p)`."""
+
+    def __init__(self, p: torch.Tensor):
+        p32 = p.detach().cpu().to(torch.float32)
+        thr = (p32.to(torch.float64) * (1 << 16)).ceil().to(torch.int32)       # drop where u < ceil(p 2^16)
+        inv = 1.0 / (1.0 - p32)                                                # float32, as torch's dropout scales
+        self._cpu = ((thr - 1)[:, None], inv.view(torch.int32)[:, None])
+        self._on = {}
+
+    def _params(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = tuple(t.to(device) for t in self._cpu)
+        return self._on[key]
+
+    def thresholds(self, device) -> torch.Tensor:
+        """`ceil(p 2^16)` as int32 `[N, 1]`."""
+        return self._params(device)[0] + 1
+
+    def scale(self, keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        numel = math.prod(shape)
+        u = _dropout_uniforms16(keys, numel)
+        thr_m1, inv_bits = self._params(u.device)
+        torch.sub(thr_m1, u, out=u)                          # < 0 exactly where u >= thr (keep)
+        u.bitwise_right_shift_(31).bitwise_and_(inv_bits)    # all ones (keep) or 0, then the multiplier's bits
+        return u.view(torch.float32)[:, :numel].reshape(len(keys), *shape)
 
 
 def dropout_keep(keys: torch.Tensor, shape: Sequence[int], p: torch.Tensor) -> torch.Tensor:
@@ -88,26 +156,21 @@ def dropout_keep(keys: torch.Tensor, shape: Sequence[int], p: torch.Tensor) -> t
     A 32-bit counter hash per pair of elements, `h_j = lowbias32(seed_n ^ (j * 0x9E3779B9))` (C. Wellons'
     finaliser; `seed_n` = the low 32 bits of `keys[n]`), gives two 16-bit uniforms: element j of the first half of
     the row gets `u = (h_j >> 16) / 2^16`, element j of the second half `u = (h_j & 0xFFFF) / 2^16`. The drop
-    probability is `ceil(p 2^16) / 2^16`, within 2^-16 of p. This is the hot path of in-situ guidance (one draw per
-    activation of every site), so it runs as in-place int32 ops on half the elements and compares integers: on CPU
-    about 6x faster than the 64-bit `rng.hash_uniform`, which the perturbations with few draws per row use."""
+    probability is `ceil(p 2^16) / 2^16`, within 2^-16 of p. The perturbations use `dropout_scale`, the same
+    masks as ready-made multipliers."""
     numel = math.prod(shape)
-    half = (numel + 1) // 2
-    if half >= (1 << 31):
-        raise ValueError(f"a dropout site with {numel} elements per row is too large for 32-bit counters")
-    seeds = ((keys.to(torch.int64) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
-    x = torch.arange(half, dtype=torch.int32, device=keys.device).mul_(_WEYL32)[None, :] \
-        .bitwise_xor(seeds.to(torch.int32)[:, None])
-    t = torch.empty_like(x)
-    for shift, mul in _LOWBIAS32:   # x ^= x >>> shift; x *= mul (int32 products wrap, as uint32 ones do)
-        torch.bitwise_right_shift(x, shift, out=t)
-        x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1))
-        if mul is not None:
-            x.mul_(mul)
-    thr = (p.detach().cpu().to(torch.float64) * (1 << 16)).ceil().to(torch.int32).to(x.device)[:, None]
-    torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF)                 # high halves
-    keep = torch.cat([torch.ge(t, thr), torch.ge(x.bitwise_and_(0xFFFF), thr)], dim=1)   # then low halves
-    return keep[:, :numel].reshape(len(keys), *shape)
+    u = _dropout_uniforms16(keys, numel)
+    return torch.ge(u, DropoutMasks(p).thresholds(u.device))[:, :numel].reshape(len(keys), *shape)
+
+
+def dropout_scale(keys: torch.Tensor, shape: Sequence[int], p: torch.Tensor) -> torch.Tensor:
+    """Dropout multipliers: float32 `[N, *shape]`, `1 / (1 - p[n])` where `dropout_keep` keeps, else 0.
+
+    This is the hot path of in-situ guidance (one draw per activation of every site), so it stays in int32 from
+    the hash to the result: `(thr - 1 - u) >> 31` is all ones exactly where `u >= thr`, and that mask ANDed with the
+    bit pattern of `1 / (1 - p)` IS the float32 multiplier. No bool tensor is made: on CPU, comparisons into bool
+    and bool-to-float conversion cost more than the whole hash. (`DropoutMasks` prepares `p` once for many sites.)"""
+    return DropoutMasks(p).scale(keys, shape)
 
 
 def as_seeds(seeds) -> torch.Tensor:

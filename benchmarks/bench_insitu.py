@@ -7,10 +7,13 @@ Methods, all at w = 3 (the in-situ paper's w' = 2) on every step:
     insitu-batched        in-situ guidance, dropout p = 0.1 at the net's nn.Dropout sites: ONE call of 2N rows
     insitu-2calls         the same with max_batch = N: two sequential calls of N rows (exact, then degraded)
     autoguidance-2models  two-model autoguidance: the net, then a second net of the same architecture
+    net-2N                reference, no guidance: the net alone on 2N rows in one call, timed per N samples (the
+                          network work of the batched in-situ call without its dropout masks)
 
-Models: the toy denoiser MLP (width 64, 4 layers, x of shape [2]) and a small EDM2 U-Net (16 x 16 x 3,
-model_channels 64, channel_mult [1, 2, 2], 2 blocks per level, attention at 8 x 8; 6.75M parameters), both
-freshly initialised with the output gains set to 1 (the speed does not depend on training).
+Models: the toy denoiser MLP (width 64, 4 layers, x of shape [2]), a small EDM2 U-Net (16 x 16 x 3,
+model_channels 64, channel_mult [1, 2, 2], 2 blocks per level, attention at 8 x 8; 6.75M parameters) and the same
+U-Net at EDM2-XS width (model_channels 128; 27.0M parameters; batches 16 and 64 only), all freshly initialised with
+the output gains set to 1 (the speed does not depend on training).
 
 Time: EDM Euler sampling for a few steps at batch sizes 1 ... 256; the methods run round-robin (order rotated
 every round) in one process, so machine noise hits all alike; reported is the median over rounds, per sample,
@@ -47,17 +50,21 @@ W = 3.0          # guidance weight, D_bad + w (D_good - D_bad): the in-situ pape
 P = 0.1          # dropout probability of the degraded pass (in-situ autoguidance)
 UNET = dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=64, channel_mult=[1, 2, 2],
             num_blocks=2, attn_resolutions=[8])
+UNET_WIDE = dict(UNET, model_channels=128)
 MODELS = {
-    #          shape of one sample, sampler steps, sigma_max
-    "toy":  dict(shape=[2], steps=8, sigma_max=5.0),
-    "unet": dict(shape=[3, 16, 16], steps=2, sigma_max=80.0),
+    #          shape of one sample, sampler steps, sigma_max, batch sizes timed
+    "toy":       dict(shape=[2], steps=8, sigma_max=5.0, batches=[1, 4, 16, 64, 256]),
+    "unet":      dict(shape=[3, 16, 16], steps=2, sigma_max=80.0, batches=[1, 4, 16, 64, 256]),
+    "unet-wide": dict(shape=[3, 16, 16], steps=2, sigma_max=80.0, batches=[16, 64]),
 }
 METHODS = ["unguided", "insitu-batched", "insitu-2calls", "autoguidance-2models"]
+TIMED = METHODS + ["net-2N"]
 
 
 def build(model: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = DenoiserMLP(width=64, num_layers=4) if model == "toy" else EDM2Precond(**UNET)
+    net = DenoiserMLP(width=64, num_layers=4) if model == "toy" else EDM2Precond(**(UNET_WIDE if model == "unet-wide"
+                                                                                    else UNET))
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim == 0:
@@ -66,7 +73,7 @@ def build(model: str, seed: int) -> torch.nn.Module:
 
 
 def denoiser(method: str, net, guide, batch: int):
-    if method == "unguided":
+    if method in ("unguided", "net-2N"):
         return ag.no_guidance(net)
     if method == "insitu-batched":
         return ag.insitu(net, W, P)
@@ -74,10 +81,11 @@ def denoiser(method: str, net, guide, batch: int):
         return ag.insitu(net, W, P, max_batch=batch)
     if method == "autoguidance-2models":
         return ag.autoguidance(net, guide, W)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {method!r}; expected one of {TIMED}")
 
 
 def sample(D, model: str, batch: int) -> None:
+    """EDM Euler sampling of `batch` images (net-2N: called with 2N)."""
     spec = MODELS[model]
     sigmas = ag.sigmas_karras(spec["steps"], sigma_max=spec["sigma_max"])
     x = torch.randn(batch, *spec["shape"]) * sigmas[0]
@@ -89,14 +97,15 @@ def time_model(model: str, batches: list[int], rounds: int) -> list[dict]:
     net, guide = build(model, 0), build(model, 1)
     rows = []
     for batch in batches:
-        Ds = {m: denoiser(m, net, guide, batch) for m in METHODS}
-        times = {m: [] for m in METHODS}
+        Ds = {m: denoiser(m, net, guide, batch) for m in TIMED}
+        rows_of = {m: 2 * batch if m == "net-2N" else batch for m in TIMED}
+        times = {m: [] for m in TIMED}
         calls = {}
-        for m in METHODS:   # warm-up (first-call allocations, thread pools), counting the forward calls per step
+        for m in TIMED:   # warm-up (first-call allocations, thread pools), counting the forward calls per step
             counted = []
             handles = [n.register_forward_pre_hook(lambda mod, a: counted.append(len(a[0]))) for n in (net, guide)]
             try:
-                sample(Ds[m], model, batch)
+                sample(Ds[m], model, rows_of[m])
             finally:
                 for h in handles:
                     h.remove()
@@ -105,18 +114,20 @@ def time_model(model: str, batches: list[int], rounds: int) -> list[dict]:
                 raise RuntimeError(f"{m} made {calls[m]} forward calls per step, expected {CALLS_PER_STEP[m]}")
         n_rounds = rounds if batch <= 64 else max(1, rounds - 2)   # batch 256 is slow and steadier
         for r in range(n_rounds):
-            order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+            order = TIMED[r % len(TIMED):] + TIMED[:r % len(TIMED)]
             for m in order:
                 t0 = time.perf_counter()
-                sample(Ds[m], model, batch)
+                sample(Ds[m], model, rows_of[m])
                 times[m].append(time.perf_counter() - t0)
-        per_sample = {m: statistics.median(times[m]) / batch for m in METHODS}
+        per_sample = {m: statistics.median(times[m]) / batch for m in TIMED}
+        fastest = {m: min(times[m]) / batch for m in TIMED}
         rows.append(dict(model=model, batch=batch, rounds=n_rounds, steps=MODELS[model]["steps"],
                          ms_per_sample={m: 1e3 * v for m, v in per_sample.items()},
-                         ratio={m: per_sample[m] / per_sample["unguided"] for m in METHODS},
-                         forward_calls_per_step=calls))
-        print(f"{model:5s} batch {batch:4d}: " + "  ".join(
-            f"{m} {1e3 * per_sample[m]:8.3f} ms ({per_sample[m] / per_sample['unguided']:.2f}x)" for m in METHODS),
+                         ratio={m: per_sample[m] / per_sample["unguided"] for m in TIMED},
+                         ratio_of_fastest={m: fastest[m] / fastest["unguided"] for m in TIMED},
+                         seconds=times, forward_calls_per_step=calls))
+        print(f"{model:9s} batch {batch:4d}: " + "  ".join(
+            f"{m} {1e3 * per_sample[m]:8.3f} ms ({per_sample[m] / per_sample['unguided']:.2f}x)" for m in TIMED),
             flush=True)
     return rows
 
@@ -158,15 +169,21 @@ def memory_probe(model: str, method: str, batch: int) -> dict:
                 weights_mb=weights / 2**20)
 
 
-def measure_memory(model: str, batches: list[int]) -> list[dict]:
+def measure_memory(model: str, batches: list[int], repeats: int = 3) -> list[dict]:
+    """Peak RSS per (method, batch): the median of `repeats` fresh processes (the allocator's reuse of freed
+    memory makes single readings vary by tens of MB)."""
     rows = []
     for batch in batches:
         for m in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--probe", model, m, str(batch)], capture_output=True,
-                                 text=True, check=True, env={k: v for k, v in os.environ.items()})
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            probes = []
+            for _ in range(repeats):
+                out = subprocess.run([sys.executable, __file__, "--probe", model, m, str(batch)], capture_output=True,
+                                     text=True, check=True, env={k: v for k, v in os.environ.items()})
+                probes.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rec = dict(probes[0], peak_mb=statistics.median(p["peak_mb"] for p in probes),
+                       peaks_mb=[p["peak_mb"] for p in probes])
             rows.append(rec)
-        base = next(r for r in rows if r["batch"] == batch and r["method"] == "unguided")
+        base = next(r for r in rows if r["batch"] == batch and r["method"] == "unguided")   # rows of this model only
         for r in rows:
             if r["batch"] == batch:
                 r["extra_mb"] = r["peak_mb"] - base["peak_mb"]
@@ -180,15 +197,16 @@ def measure_memory(model: str, batches: list[int]) -> list[dict]:
 
 NAMES = {"unguided": "unguided (1 call of N rows)", "insitu-batched": "in-situ, 1 call of 2N rows",
          "insitu-2calls": "in-situ, 2 calls of N rows", "autoguidance-2models": "two-model autoguidance (2 calls)"}
-CALLS_PER_STEP = {"unguided": 1, "insitu-batched": 1, "insitu-2calls": 2, "autoguidance-2models": 2}
+NAMES["net-2N"] = "the net alone, 1 call of 2N rows"
+CALLS_PER_STEP = {"unguided": 1, "insitu-batched": 1, "insitu-2calls": 2, "autoguidance-2models": 2, "net-2N": 1}
 
 
 def time_table(rows: list[dict]) -> str:
-    head = "| model | batch | " + " | ".join(NAMES[m] for m in METHODS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(METHODS))]
+    head = "| model | batch | " + " | ".join(NAMES[m] for m in TIMED) + " |"
+    lines = [head, "|" + "---|" * (2 + len(TIMED))]
     for r in rows:
         cells = [f"{r['ms_per_sample']['unguided']:.3f} ms"] + [
-            f"{r['ms_per_sample'][m]:.3f} ms (**{r['ratio'][m]:.2f}x**)" for m in METHODS[1:]]
+            f"{r['ms_per_sample'][m]:.3f} ms (**{r['ratio'][m]:.2f}x**)" for m in TIMED[1:]]
         lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,50 +216,64 @@ def _mb(x: float) -> str:
 
 
 def memory_table(rows: list[dict]) -> str:
-    batches = sorted({r["batch"] for r in rows})
-    lines = ["| batch | " + " | ".join(NAMES[m] for m in METHODS) + " |", "|" + "---|" * (1 + len(METHODS))]
-    for b in batches:
-        by = {r["method"]: r for r in rows if r["batch"] == b}
+    cases = sorted({(r.get("model", "unet"), r["batch"]) for r in rows}, key=lambda c: (list(MODELS).index(c[0]), c[1]))
+    lines = ["| model | weights | batch | " + " | ".join(NAMES[m] for m in METHODS) + " |",
+             "|" + "---|" * (3 + len(METHODS))]
+    for model, b in cases:
+        by = {r["method"]: r for r in rows if r.get("model", "unet") == model and r["batch"] == b}
         cells = [f"{by['unguided']['peak_mb']:.0f} MB"] + [
             f"{by[m]['peak_mb']:.0f} MB ({_mb(by[m]['extra_mb'])} MB)" for m in METHODS[1:]]
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | {by['unguided']['weights_mb']:.0f} MB | {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _goal_line(row: dict, label: str) -> str:
+    r, f = row["ratio"], row.get("ratio_of_fastest", {})
+    one, two, auto = r["insitu-batched"], r["insitu-2calls"], r["autoguidance-2models"]
+    best = min(one, two)
+    verdict = "within" if best <= 2.1 else "above"
+    text = (f"{label}: in-situ guidance costs **{one:.2f}x** the unguided wall time per sample as one batched call "
+            f"and **{two:.2f}x** as two calls of N rows ({verdict} the goal of at most 2.1x); two-model "
+            f"autoguidance {auto:.2f}x.")
+    if "net-2N" in r:
+        text += (f" The net alone on 2N rows in one call costs {r['net-2N']:.2f}x, so of the one-call figure "
+                 f"{r['net-2N'] - 2:+.2f} is the net's own cost of a batch twice as large and "
+                 f"{one - r['net-2N']:+.2f} the dropout masks and bookkeeping.")
+    if f:
+        text += (f" On the fastest of the {row['rounds']} rounds instead of the median: one call "
+                 f"{f['insitu-batched']:.2f}x, two calls {f['insitu-2calls']:.2f}x, two-model "
+                 f"{f['autoguidance-2models']:.2f}x.")
+    return text
+
+
+def _memory_note(m: list[dict], model: str) -> str:
+    rows = [r for r in m if r.get("model", "unet") == model]
+    if not rows:
+        return ""
+    b = max(r["batch"] for r in rows)
+    by = {r["method"]: r for r in rows if r["batch"] == b}
+    one, two, auto = (by[k]["extra_mb"] for k in ("insitu-batched", "insitu-2calls", "autoguidance-2models"))
+    share = lambda x: ("more than a second model costs" if x >= auto else
+                       f"{100 * max(x, 0) / auto:.0f}% of what a second model costs")
+    return (f"{model}, batch {b} ({by['unguided']['weights_mb']:.0f} MB of weights per net): in-situ guidance "
+            f"needs {_mb(one)} MB over unguided as one call ({share(one)}) and {_mb(two)} MB as two calls "
+            f"({share(two)}); two-model autoguidance needs {_mb(auto)} MB.")
 
 
 def write_doc(path: Path, result: dict) -> None:
     t, m, env = result["time"], result["memory"], result["environment"]
-    u = UNET
-    unet64 = next((r for r in t if r["model"] == "unet" and r["batch"] == 64), None)
-    weights = next((r["weights_mb"] for r in m if r["method"] == "unguided"), float("nan"))
-    goal = ""
-    if unet64 is not None:
-        r = unet64["ratio"]
-        vs_two = 2 * r["insitu-batched"] / r["autoguidance-2models"]
-        goal = (f"**Goal check.** At batch 64 on the U-Net, in-situ guidance as one batched call costs "
-                f"**{r['insitu-batched']:.2f}x** the unguided wall time per sample "
-                f"({'within' if r['insitu-batched'] <= 2.1 else 'above'} the goal of at most 2.1x); two sequential "
-                f"calls {r['insitu-2calls']:.2f}x, two-model autoguidance {r['autoguidance-2models']:.2f}x. "
-                f"Two-model autoguidance runs exactly two unguided-sized calls, so its deviation from 2.00x is the "
-                f"noise of the unguided median; measured against half its time instead, in-situ guidance as one "
-                f"call costs **{vs_two:.2f}x**.")
-    note = ""
-    if m:
-        b = max(r["batch"] for r in m)
-        by = {r["method"]: r for r in m if r["batch"] == b}
-        one, two, auto = (by[k]["extra_mb"] for k in ("insitu-batched", "insitu-2calls", "autoguidance-2models"))
-        if one >= auto:
-            share = "more than a second model costs"
-        else:
-            share = f"{100 * max(one, 0) / auto:.0f}% of what a second model costs"
-        note = (f"At batch {b}, in-situ guidance needs {_mb(one)} MB over unguided as one call ({share}) and "
-                f"{_mb(two)} MB as two calls; two-model autoguidance needs {_mb(auto)} MB.")
+    u, params = UNET, result.get("params", {"unet": result.get("unet_params", float("nan"))})
+    goals = [_goal_line(r, f"{r['model']} ({params.get(r['model'], float('nan')) / 1e6:.2f}M parameters), batch 64")
+             for r in t if r["model"] != "toy" and r["batch"] == 64]
+    notes = [n for n in (_memory_note(m, k) for k in MODELS) if n]
     load = (f"Load average (1 min) {env['load_before'][0]:.2f} before the run and {env['load_after'][0]:.2f} "
             f"after, on {env['cpu_count']} cores.")
     if env["busy"]:
-        load += (" The machine was shared with other jobs (a training run and test suites): absolute times are "
-                 "inflated, and ratios carry noise of several percent.")
+        load += (" The machine was shared with other jobs: absolute times are inflated, and ratios carry noise of "
+                 "several percent.")
     if env.get("threads_note"):
         load += " " + env["threads_note"]
+    rounds = result["settings"]["rounds"]
     text = f"""# Benchmarks
 
 ## In-situ guidance: time and memory
@@ -254,38 +286,49 @@ setting) puts both passes into ONE forward call of 2N rows, which `autoguidance.
 `max_batch=N` it makes two calls of N rows instead. Two-model autoguidance always makes two calls, one per net;
 its guide here has the main net's architecture (EDM2's XS guide has about 45% of the S main net's weights).
 
-- Models: the toy denoiser MLP (width 64, 4 layers, 2-D samples) and a small EDM2 U-Net
+- Models: the toy denoiser MLP (width 64, 4 layers, 2-D samples); `unet`, a small EDM2 U-Net
   ({u['img_resolution']}x{u['img_resolution']}x{u['img_channels']}, model_channels {u['model_channels']},
   channel_mult {u['channel_mult']}, {u['num_blocks']} blocks per level, attention at 8x8,
-  {result['unet_params'] / 1e6:.2f}M parameters, {weights:.1f} MB of fp32 weights), freshly initialised.
-- Time: EDM Euler sampling, {MODELS['toy']['steps']} steps on the toy and {MODELS['unet']['steps']} on the U-Net.
-  The four methods run round-robin in one process, the order rotated every round, so machine noise hits all
-  alike; the table gives the median over {result['settings']['rounds']} rounds (3 at batch 256) divided by the
-  batch size, and the ratio to unguided at the same batch size.
-- Memory: every cell is a fresh process that builds the nets its method needs, makes one warm-up call of one
+  {params.get('unet', float('nan')) / 1e6:.2f}M parameters); and `unet-wide`, the same at EDM2-XS width
+  (model_channels {UNET_WIDE['model_channels']}, {params.get('unet-wide', float('nan')) / 1e6:.2f}M parameters). All
+  freshly initialised (speed does not depend on training).
+- Time: EDM Euler sampling, {MODELS['toy']['steps']} steps on the toy and {MODELS['unet']['steps']} on the U-Nets.
+  The methods run round-robin in one process, the order rotated every round, so machine noise hits all alike;
+  the table gives the median over {rounds} rounds ({max(1, rounds - 2)} at batch 256) divided by the batch size,
+  and the ratio to unguided at the same batch size. The last column is not a guidance method: the net alone on
+  2N rows in one call (per N samples), the network work of the one-call in-situ pass without its dropout masks.
+- Memory: every reading is a fresh process that builds the nets its method needs, makes one warm-up call of one
   row, resets the kernel's peak-RSS counter (`/proc/self/clear_refs`), makes one guided denoiser call, and reads
-  the peak resident set size (`VmHWM`). The difference to the unguided process is the method's cost, weights
-  included. (`tracemalloc` does not see torch's allocations, and torch keeps no CPU allocator statistics.)
+  the peak resident set size (`VmHWM`); a cell is the median of {result['settings'].get('memory_repeats', 1)}
+  such processes (single readings vary by tens of MB with the allocator's reuse of freed memory). The difference
+  to the unguided cell is the method's cost, weights included. (`tracemalloc` does not see torch's allocations,
+  and torch keeps no CPU allocator statistics.)
 
-{goal}
+**Goal check** (at most 2.1x the unguided time per sample at batch 64 on the U-Net):
+
+{chr(10).join('- ' + g for g in goals) or '- not measured (no U-Net at batch 64 in this run, e.g. `--quick`)'}
 
 ### Wall time per sample (ratio to unguided)
 
 {time_table(t)}
 
-On the toy, one call costs little network work, so the per-call bookkeeping of guidance (per-site dropout
-masks, keys, concatenation) shows in the ratio at small batches; on the U-Net the network work dominates.
+On the toy, one call costs little network work, so the per-call bookkeeping of guidance (per-site keys and
+dropout masks, concatenation, the combination) shows in the ratio; on the U-Nets the network work dominates, and
+the wider the net, the smaller the masks' share (their cost grows with the activations, a convolution's with
+activations times channels).
 
-### Peak memory on the U-Net during one denoiser call (in parentheses: more than unguided)
+### Peak memory during one denoiser call (in parentheses: more than unguided)
 
 {memory_table(m)}
 
-{note} Two-model autoguidance pays for a second set of weights at every batch size. In-situ guidance holds no
-second set of weights; as one call it keeps the activations of 2N rows alive at once, as two calls (`max_batch=N`)
-those of N rows at a time, plus the dropout masks and the first call's output. So on a net this small, whose
-weights are 26 MB, one call of 2N rows can cost more memory than a second model; the weights of real models
-are far larger (EDM2-S: 280M parameters, 1.1 GB in fp32; its XS guide 125M, 0.5 GB), and `max_batch` bounds the
-activations.
+{chr(10).join('- ' + n for n in notes)}
+
+Two-model autoguidance pays for a second set of weights at every batch size. In-situ guidance holds no second set
+of weights; as one call it keeps the activations of 2N rows alive at once (a U-Net keeps its encoder outputs for
+the decoder), as two calls (`max_batch=N`) those of N rows at a time, plus one site's dropout multipliers and the
+first call's output. On small nets a call of 2N rows can therefore cost more than a second model; the weights of
+real models are far larger (EDM2-S: 280M parameters, 1.1 GB in fp32; its XS guide 125M, 0.5 GB), and `max_batch`
+bounds the activations.
 
 ### Machine
 
@@ -318,10 +361,13 @@ def main(argv=None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)   # for the memory subprocesses
     t0 = time.time()
     load_before = os.getloadavg()
-    batches = [1, 4] if args.quick else [1, 4, 16, 64, 256]
     rounds = 1 if args.quick else args.rounds
-    rows = time_model("toy", batches, rounds) + time_model("unet", batches, rounds)
-    memory = measure_memory("unet", [1, 4] if args.quick else [1, 16, 64])
+    models = ["toy", "unet"] if args.quick else list(MODELS)
+    rows = [r for k in models for r in time_model(k, [1, 4] if args.quick else MODELS[k]["batches"], rounds)]
+    repeats = 1 if args.quick else 3
+    memory = measure_memory("unet", [1, 4] if args.quick else [1, 16, 64], repeats)
+    if not args.quick:
+        memory += measure_memory("unet-wide", [64], repeats)
     load_after = os.getloadavg()
     busy = max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1)
     env = dict(cpu_count=os.cpu_count(), machine=platform.machine(), torch=torch.__version__,
@@ -332,8 +378,9 @@ def main(argv=None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/bench_insitu.py" + "".join(f" {a}" for a in given)
     result = dict(command=command, time=rows, memory=memory, environment=env, seconds=time.time() - t0,
-                  unet_params=sum(p.numel() for p in build("unet", 0).parameters()),
-                  settings=dict(w=W, p=P, unet=UNET, models=MODELS, rounds=rounds))
+                  params={k: sum(p.numel() for p in build(k, 0).parameters()) for k in MODELS},
+                  settings=dict(w=W, p=P, unet=UNET, unet_wide=UNET_WIDE, models=MODELS, rounds=rounds,
+                                memory_repeats=repeats))
     write_json(args.json, result)
     if args.doc:
         write_doc(Path(args.doc), result)

@@ -12,7 +12,8 @@ from autoguidance.nets.edm2 import EDM2Precond
 from autoguidance.train.edm import digits_net_config
 
 NAMES = {"s-T": (10, 0.0), "s-T16": (10, 0.0), "xs-T": (10, 0.0), "xs-T16": (10, 0.0), "xs-uncond-T": (0, 0.0),
-         "xs-uncond-T16": (0, 0.0), "s-dropout-T": (10, 0.1), "s-uncond-T": (0, 0.0), "xs-half-T16": (10, 0.0)}
+         "xs-uncond-T16": (0, 0.0), "s-dropout-T": (10, 0.1), "s-uncond-T": (0, 0.0), "xs-half-T16": (10, 0.0),
+         "xs-T32": (10, 0.0), "xs-T8": (10, 0.0), "xs-T4": (10, 0.0), "xs-T2": (10, 0.0)}
 TINY = Settings(n=8, num_steps=2, eval_sets=(1, 2), ws=(2.0,), emas=("050",), batch=8)
 
 
@@ -65,8 +66,38 @@ def test_degradations_and_failures_quick(weights, tmp_path):
         assert (tmp_path / f"{stem}.md").exists() and (tmp_path / f"{stem}.json").exists()
 
 
+def test_guide_length_study_quick(weights, tmp_path):
+    lab = Lab(replace(TINY, eval_sets=(1,), n=4, num_steps=1), weights, progress=False)
+    rec = run_experiment("guides", tmp_path, lab.s, lab=lab)
+    assert [r["key"] for r in rec["rows"]] == ["none"] + [f"guide:{t}" for t in ("T32", "T16", "T8", "T4", "T2", "T")]
+    for r in rec["rows"][1:]:
+        snap = r["key"].split(":")[1]
+        assert r["best"]["guide"].startswith(f"xs-{snap}-ema")
+        assert r["guide_alone"]["params"] == {"main": r["best"]["guide"]} and r["guide_alone"]["mean"]["fd"] >= 0
+    md = (tmp_path / "digits_guides.md").read_text()
+    assert "guide alone: FD" in md and md.count("autoguidance, XS guide at") == 6
+    assert (tmp_path / "digits_guides_sweep.png").stat().st_size > 0
+
+
+def test_floor_measures_real_images_like_samples(weights, tmp_path):
+    """The floor experiment sends real training images through the same metrics, N per held-out seed set (a
+    different draw per set, reproducible), all of them once, and repeats the models at a larger N."""
+    lab = Lab(replace(TINY, eval_sets=(1, 2), n=4, num_steps=1), weights, progress=False)
+    rec = run_experiment("floor", tmp_path, lab.s, lab=lab)
+    rows = {r["key"]: r for r in rec["rows"]}
+    assert list(rows)[:3] == ["real", "real-all", "none"] and len(rows) == 8
+    real = rows["real"]
+    assert real["params"] == {"n": 4} and len(real["runs"]) == 2 and real["runs"][0] != real["runs"][1]
+    assert rows["real-all"]["params"] == {"n": 1297} and len(rows["real-all"]["runs"]) == 1
+    big = [r for r in rec["rows"] if r["group"] == "models, large N"]
+    assert len(big) == 3 and all(r["params"]["n"] == 8 and len(r["runs"]) == 2 for r in big)
+    again = run_experiment("floor", tmp_path / "again", lab.s, weights=weights, progress=False)
+    assert json.dumps(again["rows"]) == json.dumps(rec["rows"])
+
+
 def test_paired_delta_and_render(tmp_path, weights):
-    from autoguidance.experiments.digits import paired_delta, render
+    from autoguidance.experiments.digits_cli import render
+    from autoguidance.experiments.digits_report import paired_delta
 
     a = {"runs": [{"fd": 10.0}, {"fd": 14.0}, {"fd": 12.0}]}
     b = {"runs": [{"fd": 11.0}, {"fd": 15.5}, {"fd": 12.5}]}

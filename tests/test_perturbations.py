@@ -16,7 +16,8 @@ import autoguidance as ag
 from autoguidance.nets.edm2 import EDM2Attention, EDM2Block, EDM2Precond
 from autoguidance.perturb import (BlockDrop, Dropout, IdentityAttention, InputNoise, SiteError, WeightNoise,
                                   dropout_keep, find_sites)
-from autoguidance.rng import hash_normal, mix_keys
+from autoguidance.perturb import _RowSet
+from autoguidance.rng import dropout_scale, hash_normal, mix_keys, mix_keys_per_salt
 from autoguidance.schedules import Interval
 from conftest import assert_same_state, state_snapshot
 from helpers import tiny_denoiser_mlp
@@ -151,6 +152,38 @@ def test_dropout_masks_are_32_bit_counter_hashes():
     big = dropout_keep(mix_keys(torch.arange(64), 1), [4097], torch.full((64,), 0.25))   # odd length
     assert big.shape == (64, 4097) and abs(1 - big.float().mean().item() - 0.25) < 0.005
     assert (big[0] != big[1]).any()
+
+
+def test_dropout_multipliers_are_the_masks_rescaled_bit_for_bit():
+    """`dropout_scale` (the int32 path the hooks use) is exactly `keep / (1 - p)` in float32, for even, odd and
+    channel-shaped rows, and per-site keys made in one vectorised pass equal the per-site `mix_keys`."""
+    keys = mix_keys(torch.arange(6), 9)
+    p = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 0.999])
+    for shape in ([3, 7, 100], [4097], [16, 1, 1], [1]):
+        scale = dropout_scale(keys, shape, p)
+        ref = dropout_keep(keys, shape, p).to(torch.float32).div_((1 - p).reshape(-1, *[1] * len(shape)))
+        assert scale.dtype == torch.float32 and scale.shape == (6, *shape)
+        assert torch.equal(scale, ref)
+    sites = mix_keys_per_salt(keys, range(5))
+    assert sites.shape == (5, 6) and all(torch.equal(sites[i], mix_keys(keys, i)) for i in range(5))
+
+
+@pytest.mark.parametrize("rows", [[4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7], [1, 2], [0, 3, 6]])
+def test_row_products_write_only_the_degraded_rows(rows):
+    """`_RowSet.put_product` (the write of a dropout hook: straight into the result for a contiguous run, no copy
+    when every row is degraded) equals the gather-multiply-scatter it replaces, and never writes its input."""
+    t = torch.randn(8, 3, 5)
+    before = t.clone()
+    idx = torch.tensor(rows)
+    factor = torch.rand(len(rows), 3, 5)
+    want = t.index_copy(0, idx, t[idx] * factor)
+    got = _RowSet(idx).put_product(t, factor)
+    assert torch.equal(got, want) and torch.equal(t, before)
+    g = t.clone().requires_grad_(True)                 # with autograd: the differentiable path, same values
+    out = _RowSet(idx).put_product(g, factor)
+    out.sum().backward()
+    assert torch.equal(out.detach(), want)
+    assert torch.equal(g.grad, torch.ones_like(t).index_copy(0, idx, factor))
 
 
 # -- block drop --------------------------------------------------------------------------------------------------

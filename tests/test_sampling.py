@@ -1,5 +1,4 @@
 import importlib.util
-import math
 import sys
 import types
 from pathlib import Path

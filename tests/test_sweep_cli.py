@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from autoguidance import dist
 from autoguidance.cli import main

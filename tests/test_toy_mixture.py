@@ -1,5 +1,4 @@
 """The tree mixture against an independent float64 construction written from the spec (RESEARCH.md sec. 3)."""
-import math
 
 import numpy as np
 import pytest

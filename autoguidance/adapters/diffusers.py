@@ -405,7 +405,6 @@ class InSituGuidedUNet(torch.nn.Module):
         if len(deg) == 0:
             return self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
         sel = torch.cat([torch.arange(n, device=sample.device), deg])
-        m = len(sel)
         rows = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(deg), dtype=torch.bool)]).to(sample.device)
         keys = self._keys(n, t)[sel]
         # EDM coordinates of the call, for perturbations that move the input (InputNoise) and for schedules.

@@ -3,8 +3,9 @@
 Protocol (the same for every row; Karras et al. 2024, Sec. 5, at digits scale):
 
 - Models: the shipped checkpoints of `autoguidance/weights/digits` (made by `scripts/train_digits_checkpoints.sh`):
-  main S at T; guide XS at T/16; S at T/16; XS at T; unconditional XS (CFG guide at T, unconditional guide at
-  T/16); S trained with dropout 0.1; unconditional S; XS on half the data. Each at two EMA lengths (0.050, 0.150).
+  main S at T; guide XS at T/16 (and T/32, T/8, T/4, T/2 for the guide-length study); S at T/16; XS at T;
+  unconditional XS (CFG guide at T, unconditional guide at T/16); S trained with dropout 0.1; unconditional S;
+  XS on half the data. Each at two EMA lengths (0.050, 0.150).
 - Sampling: EDM Heun, `num_steps` steps, sigma in [0.002, 80], rho 7, one seed per image. Conditional rows draw
   class `seed % 10`, so every seed set is class-balanced like the test split.
 - Metrics (`autoguidance.metrics`): FD_digits (Frechet distance in the digits classifier's 64-d feature space),
@@ -14,12 +15,15 @@ Protocol (the same for every row; Karras et al. 2024, Sec. 5, at digits scale):
   is chosen once, by FD without guidance) is swept on seed set 0, the best by FD is kept, and the reported
   numbers are mean and spread (std) over the held-out seed sets 1, 2, 3, never the set used for tuning.
 
-Commands (each writes PNG figures, a Markdown table and a JSON record to --out; `--quick` = few samples, for CI):
+Commands (`digits_cli.py`; each writes PNG figures, a Markdown table and a JSON record to --out; `--quick` = few
+samples, for CI; the tables and figures are made by `digits_report.py`):
 
     autoguidance digits table          the main table, the sweep figure (FD against w), the sample grids
     autoguidance digits degradations   Karras et al.'s synthetic-degradation table (dropout, input noise)
     autoguidance digits failures       "what did not work": less data, quantized main, interval on autoguidance
     autoguidance digits schedules      constant w vs a sigma interval vs a ramp, for CFG, autoguidance, in-situ
+    autoguidance digits guides         autoguidance by XS guides from T/32 to T of one run: how bad should it be?
+    autoguidance digits floor          real training images through the same metrics: the floor of FD_digits
     autoguidance digits features       train the feature network of the metrics
     autoguidance digits manifest       add the digits checkpoints to weights/manifest.json
 """
@@ -27,9 +31,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,15 +42,18 @@ import torch
 from ..checkpoint import WEIGHTS_DIR, load
 from ..guidance import Guide, Guided, Pass, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, \
     perturbation_guidance
-from ..io import atomic_path, write_json, write_text
+from ..io import write_json, write_text
 from ..metrics.features import extract, load_feature_net, reference_features
 from ..metrics.frechet import frechet_distance_features
 from ..metrics.prdc import prdc
 from ..sampling import generate
 from ..schedules import Interval, Ramp, as_schedule
+from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, plot_sweeps, row_json, table_md, \
+    training_costs
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "run_table", "run_degradations", "run_failures", "run_schedules",
-           "quantize_weights", "add_parser", "DIGITS_WEIGHTS", "METRICS"]
+           "run_guides", "run_floor", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
+           "NOTES"]
 
 DIGITS_WEIGHTS = WEIGHTS_DIR / "digits"
 METRICS = ("fd", "precision", "recall", "density", "coverage", "accuracy")
@@ -71,10 +77,6 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(n=40, num_steps=4, eval_sets=(1, 2), ws=(1.5, 2.5), emas=("050", "150"), batch=40)
-
-
-def _fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 class Lab:
@@ -124,17 +126,21 @@ class Lab:
         with torch.no_grad():
             x = generate(D, seeds, [1, 8, 8], labels=labels, num_steps=self.s.num_steps, batch=self.s.batch,
                          progress=False)
-        f, logits = extract(self.feature_net, x)
-        rec = {"fd": frechet_distance_features(self.ref, f), **prdc(self.ref, f, 3, 5),
-               "accuracy": float((logits.argmax(1) == classes).float().mean()) if conditional else None}
+        rec = self.measure(x, classes if conditional else None)
         self.cache[ck] = rec
         self.timing[ck] = time.perf_counter() - t
         if seed_set == self.s.eval_sets[0]:
             self.samples[ck] = x[:100].clone()
         if self.progress:
-            print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {_fmt_params(params):44s} set {seed_set}: "
+            print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {fmt_params(params):44s} set {seed_set}: "
                   f"FD {rec['fd']:7.3f}  ({self.timing[ck]:.1f}s)", flush=True)
         return rec
+
+    def measure(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None) -> dict:
+        """The metrics of images `x` `[N, 1, 8, 8]` against the test split (accuracy when `classes` is given)."""
+        f, logits = extract(self.feature_net, x)
+        return {"fd": frechet_distance_features(self.ref, f), **prdc(self.ref, f, 3, 5),
+                "accuracy": float((logits.argmax(1) == classes).float().mean()) if classes is not None else None}
 
     # -- sweep on the tuning set, then the held-out sets ------------------------------------------------------------
     def tune(self, key: str, build: Callable, grid: list[dict], conditional: bool = True) -> dict:
@@ -264,92 +270,6 @@ def _b_quant(L, p):
 
 # -- the experiments ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Row:
-    key: str
-    label: str
-    result: dict
-    paper: str = ""       # the papers' ImageNet counterpart (RESEARCH.md section 2)
-    group: str = "conditional"
-    lab_key: str = ""     # the key of its evaluations in the Lab (default: `key`)
-
-    def __post_init__(self):
-        self.lab_key = self.lab_key or self.key
-
-
-def _row_json(r: Row) -> dict:
-    return {"key": r.key, "label": r.label, "paper": r.paper, "group": r.group, **r.result}
-
-
-def _reference(r: Row, rows: list[Row]) -> tuple[Optional[dict], str]:
-    """The result a row is compared with at matched seeds: D_good alone (degradations), else the first row of
-    its group (the unguided main in the main table, autoguidance in 'failures', constant w in 'schedules')."""
-    if "good_alone" in r.result:
-        return r.result["good_alone"], "D_good alone"
-    first = next(q for q in rows if q.group == r.group)
-    return (None, "") if first is r else (first.result, first.label)
-
-
-def paired_delta(result: dict, ref: dict, metric: str = "fd") -> Optional[tuple[float, float]]:
-    """Mean and std over the held-out seed sets of `result - ref` (same seeds, so the seed sets' common
-    variation cancels): `(mean, std)`, or None when the runs do not pair up."""
-    a, b = result.get("runs", []), ref.get("runs", [])
-    if not a or len(a) != len(b) or a[0].get(metric) is None or b[0].get(metric) is None:
-        return None
-    d = np.array([x[metric] - y[metric] for x, y in zip(a, b)])
-    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
-
-
-def _table_md(rows: list[Row], title: str, note: str, s: Settings, extra_cols=()) -> str:
-    head = ["method", "best params", "FD_digits", "dFD (matched seeds)", "precision", "recall", "density",
-            "coverage", "accuracy", *[c for c, _ in extra_cols], "ImageNet (papers)"]
-    lines = [f"# {title}", "", note, "",
-             f"N = {s.n} images per seed set, Heun {s.num_steps} steps; mean +- std over held-out seed sets "
-             f"{list(s.eval_sets)} (w and EMA lengths tuned on set {s.tune_set}). dFD: FD minus the FD of the "
-             "reference (the first row of the same group, or D_good alone) on the same seeds, mean +- std over "
-             "the held-out sets; negative is better.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    mains: set = set()
-    for r in rows:
-        m, sd = r.result["mean"], r.result["std"]
-
-        def cell(k, digits=3):
-            if m.get(k) is None:
-                return "-"
-            return f"{m[k]:.{digits}f} +- {sd[k]:.{digits}f}"
-        ref, ref_label = _reference(r, rows)
-        d = paired_delta(r.result, ref) if ref is not None else None
-        delta = f"{d[0]:+.2f} +- {d[1]:.2f}" if d is not None else "(reference)"
-        params = {k: v for k, v in r.result["params"].items() if k not in ("main", "good", "bad")}
-        mains.add(r.result["params"].get("main", "?"))
-        lines.append("| " + " | ".join([r.label, _fmt_params(params) or "-", cell("fd", 2), delta, cell("precision"),
-                                        cell("recall"), cell("density"), cell("coverage"), cell("accuracy"),
-                                        *[f(r) for _, f in extra_cols], r.paper]) + " |")
-    lines += ["", f"Main checkpoints (EMA chosen by FD without guidance): {', '.join(sorted(mains - {'?'}))}."]
-    return "\n".join(lines) + "\n"
-
-
-def render(out) -> list[str]:
-    """Re-write every `digits_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
-    out = Path(out)
-    done = []
-    for name, (stem, title, _) in EXPERIMENTS.items():
-        path = out / f"{stem}.json"
-        if not path.exists():
-            continue
-        rec = json.loads(path.read_text())
-        rows = [Row(r["key"], r["label"], {k: v for k, v in r.items() if k not in ("key", "label", "paper", "group")},
-                    r["paper"], r["group"]) for r in rec["rows"]]
-        md = _table_md(rows, title, NOTES[name], Settings(**{k: tuple(v) if isinstance(v, list) else v
-                                                              for k, v in rec["settings"].items()}),
-                       _deg_cols() if name == "degradations" else ())
-        if stem == "digits_table":
-            md += _costs_md(rec.get("training_costs", {}))
-        write_text(out / f"{stem}.md", md)
-        done.append(stem)
-    return done
-
-
 def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
     """The main table (Karras et al. 2024, Table 1 at digits scale, plus the in-situ and perturbation rows)."""
     W = _ws(lab)
@@ -462,6 +382,77 @@ def run_failures(lab: Lab) -> list[Row]:
     return rows
 
 
+GUIDE_LENGTHS = ("T32", "T16", "T8", "T4", "T2", "T")   # snapshots of the XS guide run (iteration T/32 ... T)
+
+
+def run_guides(lab: Lab) -> list[Row]:
+    """How bad should the guide be? Autoguidance of the S main by the XS net at six points of its training run
+    (T/32 ... T: the same run, seed and data), each at its best w and EMA length, beside the guide's own FD and
+    class accuracy without guidance (Karras et al. 2024 sweep the guide's training length, Fig. 3)."""
+    main, _ = choose_main(lab, "s-T")
+    W = _ws(lab)
+    rows = [Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
+                lab_key="none:s-T")]
+    for snap in GUIDE_LENGTHS:
+        prefix = f"xs-{snap}"
+        res = lab.tune(f"guide:{snap}", _b_auto, lab.grid(main=[main], guide=_guide_names(lab, prefix), w=W))
+        res["guide_alone"] = lab.heldout(f"none:{prefix}", _b_none, {"main": res["best"]["guide"]})
+        label = "T" if snap == "T" else f"T/{snap[1:]}"
+        rows.append(Row(f"guide:{snap}", f"autoguidance, XS guide at {label}", res,
+                        "1.34 (XS at T/16, w 2.10)" if snap == "T16" else "", lab_key=f"guide:{snap}"))
+    return rows
+
+
+def _real_runs(lab: Lab, n: Optional[int]) -> dict:
+    """Real training images through the metrics: per held-out seed set s, `n` images drawn without replacement
+    by a generator seeded with s (all 1297 when n is None, one run)."""
+    from ..data.digits import load_digits
+
+    d = load_digits("train")
+    runs = []
+    for seed_set in (lab.s.eval_sets if n is not None else (0,)):
+        idx = (torch.randperm(len(d), generator=torch.Generator().manual_seed(seed_set))[:n] if n is not None
+               else torch.arange(len(d)))
+        runs.append(lab.measure(d.images[idx], d.classes[idx]))
+    mean = {m: float(np.mean([r[m] for r in runs])) for m in METRICS}
+    std = {m: float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for m in METRICS}
+    return {"params": {"n": n if n is not None else len(d)}, "mean": mean, "std": std, "runs": runs}
+
+
+#: the main table's best settings of CFG and autoguidance (docs/digits/digits_table.json), evaluated again here
+FLOOR_METHODS = (("CFG (uncond. XS at T, w 1.5)", _b_cfg, {"guide": "xs-uncond-T-ema050", "w": 1.5}),
+                 ("autoguidance (XS at T/16, w 1.25)", _b_auto, {"guide": "xs-T16-ema150", "w": 1.25}))
+
+
+def run_floor(lab: Lab) -> list[Row]:
+    """What FD_digits does real data get? Real training images, drawn like the samples (N per seed set, the same
+    held-out sets), measured against the same test split; beside the unguided main and the table's best CFG and
+    autoguidance settings. At small N the FD estimate is biased upwards, and how much depends on the sample
+    covariance, so this row is the floor the model rows should be read against."""
+    main, _ = choose_main(lab, "s-T")
+    rows = [Row("real", f"real digits: {lab.s.n} training images per seed set", _real_runs(lab, lab.s.n),
+                "FID of real data: 0 by construction", group="real"),
+            Row("real-all", "real digits: all 1297 training images (one set)", _real_runs(lab, None), "",
+                group="real-all"),
+            Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
+                group="models", lab_key="none:s-T")]
+    for label, build, params in FLOOR_METHODS:
+        key = f"floor:{label}"
+        rows.append(Row(key, label, lab.heldout(key, build, dict(params, main=main)), "", group="models"))
+    # The same three at N = 1297 (as many as the real training images; 2N in quick mode) on the same held-out seed
+    # sets: does the ranking survive a smaller bias?
+    n_big = rows[1].result["params"]["n"] if lab.s.n >= 100 else 2 * lab.s.n
+    big = Lab(replace(lab.s, n=n_big, batch=min(lab.s.batch, n_big)), lab.weights, lab.features_path,
+              progress=lab.progress)
+    big._nets = lab._nets                                      # the same checkpoints, loaded once
+    for label, build, params in (("S at T, no guidance", _b_none, {}),) + FLOOR_METHODS:
+        key = f"floor-big:{label}"
+        res = big.heldout(key, build, dict(params, main=main))
+        res["params"] = dict(params, n=n_big)
+        rows.append(Row(key, f"{label}, N = {n_big}", res, "", group="models, large N"))
+    return rows
+
+
 def run_schedules(lab: Lab) -> list[Row]:
     """Does each method want w at all sigmas, or only in an interval, or fading out? Constant w vs the
     interval (0.28, 2.9] vs a ramp from w at sigma >= 10 down to 1 at sigma <= 0.1, each at its best w."""
@@ -484,143 +475,16 @@ def run_schedules(lab: Lab) -> list[Row]:
 
 # -- outputs -------------------------------------------------------------------------------------------------------
 
-def _save_fig(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-
-
-def plot_sweeps(lab: Lab, rows: list[Row], path: Path, title: str) -> None:
-    """FD_digits on the tuning set against w, one line per method (best over EMA lengths at each w); unguided
-    rows as horizontal lines (their tuning-set FD)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    hlines = []
-    for i, r in enumerate(rows):
-        sweep = r.result.get("sweep")
-        if not sweep or "w" not in sweep[-1]["params"]:
-            if r.lab_key.startswith("none:"):
-                hlines.append((r.label, lab.evaluate(r.lab_key, _b_none, r.result["params"], lab.s.tune_set,
-                                                     r.group != "unconditional")["fd"]))
-            continue
-        by_w: dict[float, float] = {}
-        for e in sweep:
-            w = e["params"]["w"]
-            by_w[w] = min(by_w.get(w, math.inf), e["fd"])
-        ws = sorted(by_w)
-        ax.plot(ws, [by_w[w] for w in ws], marker="os^D"[i // 10 % 4], ms=3, ls=["-", "--", ":"][i // 10 % 3],
-                label=r.label)
-    for label, fd in hlines:
-        ax.axhline(fd, ls=":", color="k", lw=1)
-        ax.annotate(label, (ax.get_xlim()[0], fd), fontsize=6, va="bottom")
-    ax.set_xlabel("guidance weight w  (D_bad + w (D_good - D_bad))")
-    ax.set_ylabel(f"FD_digits (tuning seed set {lab.s.tune_set})")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    _save_fig(fig, path)
-    plt.close(fig)
-
-
-def plot_grids(lab: Lab, rows: list[Row], path: Path) -> None:
-    """Sample grids (first 100 seeds of the first held-out set: classes 0..9 in columns), same seeds everywhere."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [(r, r.lab_key) for r in rows if r.lab_key in lab.images]
-    if not keys:
-        return
-    cols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3.3 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (r, k) in zip(axes.flat, keys):
-        x = lab.images[k][:100]
-        m = len(x)
-        side = int(math.ceil(math.sqrt(m)))
-        canvas = -np.ones((side * 9, side * 9))
-        for i in range(m):
-            a, b = divmod(i, side)
-            canvas[a * 9:a * 9 + 8, b * 9:b * 9 + 8] = x[i, 0].clamp(-1, 1).numpy()
-        ax.imshow(canvas, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(r.label if len(r.label) < 40 else r.label[:38] + "...", fontsize=7)
-    _save_fig(fig, path)
-    plt.close(fig)
-
-
-def forward_flops(config: dict) -> int:
-    """FLOPs of one forward pass of `EDM2Precond(**config)` on one image (torch's FLOP counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..nets.edm2 import EDM2Precond
-
-    net = EDM2Precond(**config).eval()
-    x = torch.zeros(1, config["img_channels"], config["img_resolution"], config["img_resolution"])
-    labels = torch.zeros(1, config["label_dim"]) if config["label_dim"] else None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x, torch.ones(1), labels)
-    return int(counter.get_total_flops())
-
-
-def training_costs(weights) -> dict[str, dict]:
-    """Training cost of every checkpoint as recorded in its meta (`train_seconds` at its iteration), and as a
-    percentage of the main's (s-T, same EMA): the papers quote +3.6% for an S main guided by XS at T/16."""
-    weights = Path(weights)
-    main = weights / "s-T-ema050" / "config.json"
-    if not main.exists():
-        return {}
-    base = json.loads(main.read_text())["meta"]
-    if "train_seconds" not in base or "train" not in base:
-        return {}   # not written by `autoguidance train`
-    base_flops = forward_flops(json.loads(main.read_text())["config"]) * base["iteration"] * base["train"]["batch"]
-    out = {}
-    for cfg_file in sorted(weights.glob("*-ema050/config.json")):
-        meta = json.loads(cfg_file.read_text())["meta"]
-        if "train_seconds" in meta:
-            name = cfg_file.parent.name[:-len("-ema050")]
-            flops = forward_flops(json.loads(cfg_file.read_text())["config"]) * meta["iteration"] * meta["train"]["batch"]
-            out[name] = {"iteration": meta["iteration"], "train_seconds": meta["train_seconds"],
-                         "percent_of_main_flops": round(100 * flops / base_flops, 2),
-                         "percent_of_main_seconds": round(100 * meta["train_seconds"] / base["train_seconds"], 1),
-                         "percent_of_main_images": round(100 * meta["iteration"] * meta["train"]["batch"] /
-                                                         (base["iteration"] * base["train"]["batch"]), 2)}
-    return out
-
-
-def _costs_md(costs: dict) -> str:
-    if not costs:
-        return ""
-    lines = ["", "Training cost (wall-clock seconds on one CPU core, from each checkpoint's meta):", "",
-             "| checkpoint | iteration | seconds | % of main (seconds) | % of main (FLOPs) |", "|---|---|---|---|---|"]
-    for k, c in costs.items():
-        lines.append(f"| {k} | {c['iteration']} | {c['train_seconds']:.0f} | {c['percent_of_main_seconds']:.1f}% | "
-                     f"{c['percent_of_main_flops']:.2f}% |")
-    return "\n".join(lines) + "\n"
-
-
 def _write(lab: Lab, out: Path, stem: str, rows: list[Row], title: str, note: str, extra_cols=()) -> dict:
-    record = {"experiment": stem, "settings": asdict(lab.s), "rows": [_row_json(r) for r in rows],
+    record = {"experiment": stem, "settings": asdict(lab.s), "rows": [row_json(r) for r in rows],
               "seconds": round(time.perf_counter() - lab.t0, 1)}
-    md = _table_md(rows, title, note, lab.s, extra_cols)
+    md = table_md(rows, title, note, lab.s, extra_cols)
     if stem == "digits_table":
         record["training_costs"] = training_costs(lab.weights)
-        md += _costs_md(record["training_costs"])
+        md += costs_md(record["training_costs"])
     write_json(out / f"{stem}.json", record)
     write_text(out / f"{stem}.md", md)
     return record
-
-
-def _deg_cols():
-    def alone(which):
-        def f(r):
-            a = r.result.get(which)
-            return f"{a['mean']['fd']:.2f} +- {a['std']['fd']:.2f}" if a else "-"
-        return f
-    return [("FD D_good alone", alone("good_alone")), ("FD D_bad alone", alone("bad_alone"))]
 
 
 EXPERIMENTS = {
@@ -628,6 +492,8 @@ EXPERIMENTS = {
     "degradations": ("digits_degradations", "Synthetic degradations (Karras et al. 2024, Sec. 5.1)", run_degradations),
     "failures": ("digits_failures", "What did not work as a guide (Karras et al. 2024, Sec. 5)", run_failures),
     "schedules": ("digits_schedules", "Schedules of w(sigma): constant vs interval vs ramp", run_schedules),
+    "guides": ("digits_guides", "How bad should the guide be? XS guides along one training run", run_guides),
+    "floor": ("digits_floor", "The floor: real digits through the same metrics", run_floor),
 }
 
 
@@ -639,6 +505,14 @@ NOTES = {
                     "random numbers (the 10% mask contains the 5% mask).",
     "failures": "Each guide at its best w on the same S main; compare with the first row.",
     "schedules": "Each schedule at its best peak w; guide EMA 0.150; in-situ p = 0.1.",
+    "guides": "The S main at T guided by snapshots of ONE XS training run (T = 2048 iterations), each at its best w "
+              "and guide EMA; 'guide alone' is that guide sampled without guidance on the same seeds. dFD is "
+              "against the unguided main.",
+    "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all 1297 in one "
+             "row), against the same test split, beside the unguided main and the main table's best CFG and "
+             "autoguidance settings; the last three rows repeat the models at N = 1297 per seed set (seeds "
+             "s * 10^6 + [0, 1297), extending the N = 300 sets). dFD of the model rows is against the unguided "
+             "main of their group.",
 }
 
 
@@ -652,130 +526,13 @@ def run_experiment(name: str, out, settings: Settings = FULL, weights=None, meth
     out = Path(out)
     rows = fn(lab, methods) if name == "table" else fn(lab)
     note = NOTES[name]
-    record = _write(lab, out, stem, rows, title, note, _deg_cols() if name == "degradations" else ())
-    if name in ("table", "failures", "schedules"):
-        plot_sweeps(lab, rows, out / f"{stem}_sweep.png", f"{title}: FD_digits against w")
+    record = _write(lab, out, stem, rows, title, note, extra_cols(name))
+    if name in ("table", "failures", "schedules", "guides"):
+        def baseline(r: Row) -> float:
+            return lab.evaluate(r.lab_key, _b_none, r.result["params"], lab.s.tune_set,
+                                r.group != "unconditional")["fd"]
+        plot_sweeps(rows, out / f"{stem}_sweep.png", f"{title}: FD_digits against w", lab.s.tune_set, baseline)
     if name == "table":
-        plot_grids(lab, rows, out / f"{stem}_samples.png")
+        plot_grids(lab.images, rows, out / f"{stem}_samples.png")
     return record
 
-
-# -- the manifest --------------------------------------------------------------------------------------------------
-
-_DESCRIPTIONS = {
-    "s": "EDM2-style S U-Net (142k params), conditional, digits 8x8",
-    "xs": "EDM2-style XS U-Net (63k params), conditional, digits 8x8",
-    "xs-uncond": "EDM2-style XS U-Net, unconditional (CFG guide at T, unconditional autoguide at T/16)",
-    "s-dropout": "EDM2-style S U-Net trained with dropout 0.1 (in-situ guidance on a net that saw dropout)",
-    "s-uncond": "EDM2-style S U-Net, unconditional (main of the unconditional rows)",
-    "xs-half": "EDM2-style XS U-Net trained on half the train split ('less data' guide)",
-}
-
-
-def write_manifest(folder=None) -> int:
-    """Add every checkpoint folder of `folder` (default weights/digits) to weights/manifest.json as
-    `digits-<subfolder>`, with a description and the command that made it."""
-    folder = Path(folder) if folder is not None else DIGITS_WEIGHTS
-    manifest_path = WEIGHTS_DIR / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
-    count = 0
-    for cfg_file in sorted(folder.glob("*/config.json")):
-        cfg_json = json.loads(cfg_file.read_text())
-        sub = cfg_file.parent.name
-        meta = cfg_json.get("meta", {})
-        if cfg_json["family"] == "digits-features":
-            desc = f"digits feature network (CNN classifier; test accuracy {meta.get('test_accuracy', 0):.3f})"
-        else:
-            stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
-            when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"
-            desc = (f"{_DESCRIPTIONS.get(stem, stem)}; snapshot {when} (iteration {meta.get('iteration')}), "
-                    f"EMA std {meta.get('ema_std')}, {meta.get('train_seconds')} s of training")
-        manifest["checkpoints"][f"digits-{sub}"] = {
-            "path": str(cfg_file.parent.resolve().relative_to(WEIGHTS_DIR.resolve())),
-            "family": cfg_json["family"], "description": desc, "command": meta.get("command", "")}
-        count += 1
-    write_json(manifest_path, manifest)
-    return count
-
-
-# -- command line --------------------------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("digits", help="the papers' tables on real 8x8 digits (EDM2-style U-Nets)")
-    dsub = p.add_subparsers(dest="digits_command", required=True)
-    for name, (stem, title, _) in EXPERIMENTS.items():
-        q = dsub.add_parser(name, help=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        q.add_argument("--out", default="digits-results", help="output folder")
-        q.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
-        q.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
-        q.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
-        q.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
-        q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
-        if name == "table":
-            q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
-        q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
-        q.set_defaults(func=_run_cli, experiment=name)
-    a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--out", default="digits-results", help="output folder")
-    a.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
-    a.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
-    a.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
-    a.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
-    a.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
-    a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
-    a.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
-    a.set_defaults(func=_all_cli)
-    f = dsub.add_parser("features", help="train the feature network of the digits metrics",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("--out", default=str(DIGITS_WEIGHTS / "features"))
-    f.add_argument("--epochs", type=int, default=40)
-    f.add_argument("--seed", type=int, default=0)
-    f.set_defaults(func=_features_cli)
-    r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
-    r.add_argument("--out", default="digits-results")
-    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out)) or '(nothing)'}") or 0)
-    m = dsub.add_parser("manifest", help="add the digits checkpoints to weights/manifest.json")
-    m.add_argument("--folder", default=str(DIGITS_WEIGHTS))
-    m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder)} digits checkpoints") or 0)
-
-
-def _settings(args) -> Settings:
-    s = QUICK if args.quick else FULL
-    if args.n is not None:
-        s = replace(s, n=args.n, batch=min(s.batch, args.n) if s.batch else args.n)
-    if args.steps is not None:
-        s = replace(s, num_steps=args.steps)
-    return s
-
-
-def _run_cli(args) -> int:
-    torch.set_num_threads(args.threads)
-    methods = [m for m in getattr(args, "methods", "").split(",") if m.strip()] or None
-    rec = run_experiment(args.experiment, args.out, _settings(args), args.weights, methods, progress=not args.quiet)
-    stem = EXPERIMENTS[args.experiment][0]
-    print((Path(args.out) / f"{stem}.md").read_text())
-    print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
-    return 0
-
-
-def _all_cli(args) -> int:
-    torch.set_num_threads(args.threads)
-    lab = Lab(_settings(args), args.weights, progress=not args.quiet)
-    for name in [e for e in args.only.split(",") if e.strip()]:
-        rec = run_experiment(name, args.out, lab.s, lab=lab)
-        stem = EXPERIMENTS[name][0]
-        print((Path(args.out) / f"{stem}.md").read_text(), flush=True)
-        print(f"wrote {args.out}/{stem}.* at {rec['seconds']:.0f} s", flush=True)
-    return 0
-
-
-def _features_cli(args) -> int:
-    from ..metrics.features import train_feature_net
-
-    cmd = f"autoguidance digits features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
-    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd})
-    print(f"saved {args.out}: test accuracy {net.checkpoint_meta['test_accuracy']:.4f}")
-    return 0

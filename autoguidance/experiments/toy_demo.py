@@ -10,7 +10,6 @@ settings), toy_demo_samples.npz (an array per method, keyed as in the table).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,0 +1,157 @@
+"""`autoguidance digits ...`: the command line of the digits experiments, and the manifest of their checkpoints."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import WEIGHTS_DIR
+from ..io import write_json, write_text
+from .digits import DIGITS_WEIGHTS, EXPERIMENTS, FULL, NOTES, QUICK, Lab, Settings, run_experiment
+from .digits_report import Row, costs_md, extra_cols, table_md
+
+__all__ = ["add_parser", "render", "write_manifest"]
+
+
+def render(out) -> list[str]:
+    """Re-write every `digits_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
+    out = Path(out)
+    done = []
+    for name, (stem, title, _) in EXPERIMENTS.items():
+        path = out / f"{stem}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        rows = [Row(r["key"], r["label"], {k: v for k, v in r.items() if k not in ("key", "label", "paper", "group")},
+                    r["paper"], r["group"]) for r in rec["rows"]]
+        md = table_md(rows, title, NOTES[name], Settings(**{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in rec["settings"].items()}),
+                       extra_cols(name))
+        if stem == "digits_table":
+            md += costs_md(rec.get("training_costs", {}))
+        write_text(out / f"{stem}.md", md)
+        done.append(stem)
+    return done
+
+
+# -- the manifest --------------------------------------------------------------------------------------------------
+
+_DESCRIPTIONS = {
+    "s": "EDM2-style S U-Net (142k params), conditional, digits 8x8",
+    "xs": "EDM2-style XS U-Net (63k params), conditional, digits 8x8",
+    "xs-uncond": "EDM2-style XS U-Net, unconditional (CFG guide at T, unconditional autoguide at T/16)",
+    "s-dropout": "EDM2-style S U-Net trained with dropout 0.1 (in-situ guidance on a net that saw dropout)",
+    "s-uncond": "EDM2-style S U-Net, unconditional (main of the unconditional rows)",
+    "xs-half": "EDM2-style XS U-Net trained on half the train split ('less data' guide)",
+}
+
+
+def write_manifest(folder=None) -> int:
+    """Add every checkpoint folder of `folder` (default weights/digits) to weights/manifest.json as
+    `digits-<subfolder>`, with a description and the command that made it."""
+    folder = Path(folder) if folder is not None else DIGITS_WEIGHTS
+    manifest_path = WEIGHTS_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
+    count = 0
+    for cfg_file in sorted(folder.glob("*/config.json")):
+        cfg_json = json.loads(cfg_file.read_text())
+        sub = cfg_file.parent.name
+        meta = cfg_json.get("meta", {})
+        if cfg_json["family"] == "digits-features":
+            desc = f"digits feature network (CNN classifier; test accuracy {meta.get('test_accuracy', 0):.3f})"
+        else:
+            stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
+            when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"
+            desc = (f"{_DESCRIPTIONS.get(stem, stem)}; snapshot {when} (iteration {meta.get('iteration')}), "
+                    f"EMA std {meta.get('ema_std')}, {meta.get('train_seconds')} s of training")
+        manifest["checkpoints"][f"digits-{sub}"] = {
+            "path": str(cfg_file.parent.resolve().relative_to(WEIGHTS_DIR.resolve())),
+            "family": cfg_json["family"], "description": desc, "command": meta.get("command", "")}
+        count += 1
+    write_json(manifest_path, manifest)
+    return count
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("digits", help="the papers' tables on real 8x8 digits (EDM2-style U-Nets)")
+    dsub = p.add_subparsers(dest="digits_command", required=True)
+    for name, (stem, title, _) in EXPERIMENTS.items():
+        q = dsub.add_parser(name, help=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q.add_argument("--out", default="digits-results", help="output folder")
+        q.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
+        q.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
+        q.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
+        q.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
+        if name == "table":
+            q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
+        q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
+        q.set_defaults(func=_run_cli, experiment=name)
+    a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--out", default="digits-results", help="output folder")
+    a.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
+    a.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
+    a.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
+    a.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
+    a.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
+    a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
+    a.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
+    a.set_defaults(func=_all_cli)
+    f = dsub.add_parser("features", help="train the feature network of the digits metrics",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--out", default=str(DIGITS_WEIGHTS / "features"))
+    f.add_argument("--epochs", type=int, default=40)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_features_cli)
+    r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
+    r.add_argument("--out", default="digits-results")
+    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out)) or '(nothing)'}") or 0)
+    m = dsub.add_parser("manifest", help="add the digits checkpoints to weights/manifest.json")
+    m.add_argument("--folder", default=str(DIGITS_WEIGHTS))
+    m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder)} digits checkpoints") or 0)
+
+
+def _settings(args) -> Settings:
+    s = QUICK if args.quick else FULL
+    if args.n is not None:
+        s = replace(s, n=args.n, batch=min(s.batch, args.n) if s.batch else args.n)
+    if args.steps is not None:
+        s = replace(s, num_steps=args.steps)
+    return s
+
+
+def _run_cli(args) -> int:
+    torch.set_num_threads(args.threads)
+    methods = [m for m in getattr(args, "methods", "").split(",") if m.strip()] or None
+    rec = run_experiment(args.experiment, args.out, _settings(args), args.weights, methods, progress=not args.quiet)
+    stem = EXPERIMENTS[args.experiment][0]
+    print((Path(args.out) / f"{stem}.md").read_text())
+    print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
+    return 0
+
+
+def _all_cli(args) -> int:
+    torch.set_num_threads(args.threads)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet)
+    for name in [e for e in args.only.split(",") if e.strip()]:
+        rec = run_experiment(name, args.out, lab.s, lab=lab)
+        stem = EXPERIMENTS[name][0]
+        print((Path(args.out) / f"{stem}.md").read_text(), flush=True)
+        print(f"wrote {args.out}/{stem}.* at {rec['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _features_cli(args) -> int:
+    from ..metrics.features import train_feature_net
+
+    cmd = f"autoguidance digits features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
+    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd})
+    print(f"saved {args.out}: test accuracy {net.checkpoint_meta['test_accuracy']:.4f}")
+    return 0
