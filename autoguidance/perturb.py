@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -126,19 +127,25 @@ class _RowSet:
             return torch.cat([t[:a], rows, t[b:]])
         return t.index_copy(0, self.idx, rows)
 
-    def put_product(self, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """`put(t, take(t) * factor)`, writing the product straight into the result when no gradient is needed
-        (one pass over the degraded rows fewer; a call whose rows are all degraded makes no copy at all)."""
-        n = t.shape[0]
-        if self.span == (0, n):
-            return t * factor
-        if self.span is None or (torch.is_grad_enabled() and (t.requires_grad or factor.requires_grad)):
-            return self.put(t, self.take(t) * factor)
+    def put_product(self, t: torch.Tensor, factor: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+                    rows_per_chunk: Optional[int] = None) -> torch.Tensor:
+        """`put(t, take(t) * factor)`, out of place. `factor` is a tensor `[M, ...]` for the degraded rows, or a
+        function `factor(i, j)` giving the factors of degraded rows i..j-1; then, when no gradient is needed and
+        the rows are a contiguous run, the product is written straight into the result `rows_per_chunk` rows at
+        a time, so a site's factors never exist in full (less memory, and the chunk stays in cache)."""
+        m = len(self.idx)
+        full = factor if isinstance(factor, torch.Tensor) else None
+        grad = torch.is_grad_enabled() and (t.requires_grad or (full is not None and full.requires_grad))
+        if self.span is None or grad:
+            return self.put(t, self.take(t) * (full if full is not None else factor(0, m)))
         a, b = self.span
         res = torch.empty_like(t, memory_format=torch.contiguous_format)
         res[:a].copy_(t[:a])
         res[b:].copy_(t[b:])
-        torch.mul(t[a:b], factor, out=res[a:b])
+        step = m if full is not None or not rows_per_chunk else max(1, int(rows_per_chunk))
+        for i in range(0, m, step):
+            j = min(m, i + step)
+            torch.mul(t[a + i:a + j], full[i:j] if full is not None else factor(i, j), out=res[a + i:a + j])
         return res
 
 
@@ -231,11 +238,19 @@ class Dropout(Perturbation):
                 shape = list(out.shape[1:])
                 if self.mode == "channel" and out.ndim > 2:
                     shape = [shape[0]] + [1] * (out.ndim - 2)
-                scale = masks.scale(site_keys.to(out.device), shape)             # [M, *shape]: 0 or 1/(1-p)
-                return degraded.put_product(out, scale.to(out.dtype))           # exact rows untouched
+                site_keys = site_keys.to(out.device)
+
+                def scale(i, j):                                       # [j - i, *shape]: 0 or 1/(1-p)
+                    return masks.scale(site_keys[i:j], shape, rows=slice(i, j)).to(out.dtype)
+                rows = max(1, _DROPOUT_CHUNK // max(1, math.prod(shape)))
+                return degraded.put_product(out, scale, rows)                   # exact rows untouched
 
             hooks.append((module, hook))
         return hooks
+
+
+#: elements per chunk of a dropout site's multipliers (int32 hash state and result: ~1.5 MB, cache-sized)
+_DROPOUT_CHUNK = 1 << 18
 
 
 # -- shared helpers of the perturbations below ------------------------------------------------------------------

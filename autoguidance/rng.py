@@ -131,20 +131,22 @@ class DropoutMasks:
         self._cpu = ((thr - 1)[:, None], inv.view(torch.int32)[:, None])
         self._on = {}
 
-    def _params(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _params(self, device, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._on:
             self._on[key] = tuple(t.to(device) for t in self._cpu)
-        return self._on[key]
+        thr_m1, inv_bits = self._on[key]
+        return thr_m1[rows], inv_bits[rows]
 
     def thresholds(self, device) -> torch.Tensor:
         """`ceil(p 2^16)` as int32 `[N, 1]`."""
         return self._params(device)[0] + 1
 
-    def scale(self, keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    def scale(self, keys: torch.Tensor, shape: Sequence[int], rows: slice = slice(None)) -> torch.Tensor:
+        """Multipliers for `keys` `[K]`, the rows `rows` of the `p` given at construction (default: all)."""
         numel = math.prod(shape)
         u = _dropout_uniforms16(keys, numel)
-        thr_m1, inv_bits = self._params(u.device)
+        thr_m1, inv_bits = self._params(u.device, rows)
         torch.sub(thr_m1, u, out=u)                          # < 0 exactly where u >= thr (keep)
         u.bitwise_right_shift_(31).bitwise_and_(inv_bits)    # all ones (keep) or 0, then the multiplier's bits
         return u.view(torch.float32)[:, :numel].reshape(len(keys), *shape)

@@ -179,6 +179,13 @@ def test_row_products_write_only_the_degraded_rows(rows):
     want = t.index_copy(0, idx, t[idx] * factor)
     got = _RowSet(idx).put_product(t, factor)
     assert torch.equal(got, want) and torch.equal(t, before)
+    for chunk in (1, 3, None):                          # factors made chunk by chunk, as the dropout hooks do
+        made = []
+        got = _RowSet(idx).put_product(t, lambda i, j: made.append((i, j)) or factor[i:j], chunk)
+        assert torch.equal(got, want) and torch.equal(t, before)
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
+        assert made == ([(i, min(len(rows), i + chunk)) for i in range(0, len(rows), chunk)]
+                        if chunk and contiguous else [(0, len(rows))])
     g = t.clone().requires_grad_(True)                 # with autograd: the differentiable path, same values
     out = _RowSet(idx).put_product(g, factor)
     out.sum().backward()

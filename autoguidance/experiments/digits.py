@@ -388,7 +388,8 @@ GUIDE_LENGTHS = ("T32", "T16", "T8", "T4", "T2", "T")   # snapshots of the XS gu
 def run_guides(lab: Lab) -> list[Row]:
     """How bad should the guide be? Autoguidance of the S main by the XS net at six points of its training run
     (T/32 ... T: the same run, seed and data), each at its best w and EMA length, beside the guide's own FD and
-    class accuracy without guidance (Karras et al. 2024 sweep the guide's training length, Fig. 3)."""
+    class accuracy without guidance (the papers' guides: XS at T/16 for EDM2-S 512, XS at T/8 for ImageNet-64, M at
+    T/3.5 for XXL)."""
     main, _ = choose_main(lab, "s-T")
     W = _ws(lab)
     rows = [Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
