@@ -81,28 +81,25 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("digits", help="the papers' tables on real 8x8 digits (EDM2-style U-Nets)")
     dsub = p.add_subparsers(dest="digits_command", required=True)
-    for name, (stem, title, _) in EXPERIMENTS.items():
-        q = dsub.add_parser(name, help=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def run_args(q) -> None:
         q.add_argument("--out", default="digits-results", help="output folder")
         q.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
         q.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
         q.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
         q.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
         q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
+        q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
+
+    for name, (stem, title, _) in EXPERIMENTS.items():
+        q = dsub.add_parser(name, help=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        run_args(q)
         if name == "table":
             q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
-        q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
         q.set_defaults(func=_run_cli, experiment=name)
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--out", default="digits-results", help="output folder")
-    a.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
-    a.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
-    a.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
-    a.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
-    a.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
+    run_args(a)
     a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
-    a.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
     a.set_defaults(func=_all_cli)
     f = dsub.add_parser("features", help="train the feature network of the digits metrics",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
