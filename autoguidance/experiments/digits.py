@@ -211,19 +211,15 @@ def _b_insitu(L, p):
     return insitu(L.net(p["main"]), _w(p), p.get("p", 0.1))
 
 
-_PERTURBATIONS = {"dropout": "Dropout", "inputnoise": "InputNoise", "blockdrop": "BlockDrop",
-                  "identityattn": "IdentityAttention", "weightnoise": "WeightNoise"}
+#: the digits records' short names that differ from `autoguidance.methods.PERTURBATIONS` (kept: they key the JSON)
+_ALIASES = {"identityattn": "identityattention"}
 
 
 def _perturbation(kind: str, strength: float):
-    """A perturbation of `autoguidance.perturb` by short name, with its strength as first argument."""
-    from .. import perturb
+    """A perturbation by short name at `strength`, via `methods.make_perturbation` (its default sites)."""
+    from ..methods import make_perturbation
 
-    cls = getattr(perturb, _PERTURBATIONS.get(kind, "?"), None)
-    if cls is None:
-        raise RuntimeError(f"autoguidance.perturb has no perturbation {kind!r} ({_PERTURBATIONS.get(kind)}) in this "
-                           f"version; known short names: {', '.join(_PERTURBATIONS)}")
-    return cls(strength)
+    return make_perturbation(_ALIASES.get(kind, kind), strength)
 
 
 def _b_perturb(L, p):
