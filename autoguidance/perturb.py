@@ -127,25 +127,23 @@ class _RowSet:
             return torch.cat([t[:a], rows, t[b:]])
         return t.index_copy(0, self.idx, rows)
 
-    def put_product(self, t: torch.Tensor, factor: Union[torch.Tensor, Callable[[int, int], torch.Tensor]],
+    def put_product(self, t: torch.Tensor, factor: Callable[[int, int], torch.Tensor],
                     rows_per_chunk: Optional[int] = None) -> torch.Tensor:
-        """`put(t, take(t) * factor)`, out of place. `factor` is a tensor `[M, ...]` for the degraded rows, or a
-        function `factor(i, j)` giving the factors of degraded rows i..j-1; then, when no gradient is needed and
-        the rows are a contiguous run, the product is written straight into the result `rows_per_chunk` rows at
-        a time, so a site's factors never exist in full (less memory, and the chunk stays in cache)."""
+        """`put(t, take(t) * factors)`, out of place; `factor(i, j)` gives the factors of degraded rows i..j-1.
+        When no gradient is needed and the rows are a contiguous run, the product is written straight into the
+        result `rows_per_chunk` rows at a time (default: all), so a site's factors never exist in full (less
+        memory, and the chunk stays in cache)."""
         m = len(self.idx)
-        full = factor if isinstance(factor, torch.Tensor) else None
-        grad = torch.is_grad_enabled() and (t.requires_grad or (full is not None and full.requires_grad))
-        if self.span is None or grad:
-            return self.put(t, self.take(t) * (full if full is not None else factor(0, m)))
+        if self.span is None or (torch.is_grad_enabled() and t.requires_grad):
+            return self.put(t, self.take(t) * factor(0, m))
         a, b = self.span
         res = torch.empty_like(t, memory_format=torch.contiguous_format)
         res[:a].copy_(t[:a])
         res[b:].copy_(t[b:])
-        step = m if full is not None or not rows_per_chunk else max(1, int(rows_per_chunk))
+        step = max(1, int(rows_per_chunk or m))
         for i in range(0, m, step):
             j = min(m, i + step)
-            torch.mul(t[a + i:a + j], full[i:j] if full is not None else factor(i, j), out=res[a + i:a + j])
+            torch.mul(t[a + i:a + j], factor(i, j), out=res[a + i:a + j])
         return res
 
 
