@@ -5,6 +5,8 @@ for any PyTorch denoiser `D(x, sigma, labels=None) -> x0_hat` (EDM convention), 
 
     D_w = D_bad + w (D_good - D_bad)          (w = 1: no guidance; the in-situ paper's w' is w - 1)
 """
+from . import adapters  # noqa: F401  (registers the adapters' module rules with perturb, lazily)
+from ._version import __version__
 from .checkpoint import load, save, shipped
 from .denoiser import Denoiser, EDMPrecond
 from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance, insitu, insitu_weight,
@@ -13,7 +15,6 @@ from .perturb import BlockDrop, Dropout, IdentityAttention, InputNoise, WeightNo
 from .sampling import generate, sample_euler, sample_heun, sigmas_karras
 from .schedules import Constant, Interval, Ramp
 
-__version__ = "0.1.0"
 
 __all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide", "Pass", "autoguidance", "cfg",
            "cfg_autoguidance", "insitu", "insitu_weight", "no_guidance", "perturbation_guidance", "Dropout",

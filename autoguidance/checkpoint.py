@@ -17,15 +17,15 @@ from typing import Callable
 
 import torch
 
-from .io import current_umask, write_json
+from .nets import FAMILIES as _BUILTIN_FAMILIES
+from .runs.files import current_umask, write_json
 
 __all__ = ["save", "load", "load_config", "shipped", "register_family", "WEIGHTS_DIR", "CheckpointError"]
 
 FORMAT = "autoguidance-checkpoint"
 VERSION = 1
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-_FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {}
-_BUILTINS_REGISTERED = False
+_FAMILIES: dict[str, Callable[..., torch.nn.Module]] = dict(_BUILTIN_FAMILIES)
 
 
 class CheckpointError(ValueError):
@@ -38,11 +38,6 @@ def register_family(name: str, constructor: Callable[..., torch.nn.Module]) -> N
 
 
 def _constructor(family: str):
-    global _BUILTINS_REGISTERED
-    if not _BUILTINS_REGISTERED:  # built-in families, registered lazily to keep imports light
-        from .nets import register_builtin_families
-        register_builtin_families()
-        _BUILTINS_REGISTERED = True
     if family not in _FAMILIES:
         raise CheckpointError(f"unknown network family {family!r}; known: {sorted(_FAMILIES)}. "
                               "Register it with autoguidance.checkpoint.register_family(name, constructor)")

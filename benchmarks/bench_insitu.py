@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import autoguidance as ag
-from autoguidance.io import write_json, write_text
+from autoguidance.runs.files import write_json, write_text
 from autoguidance.nets.edm2 import EDM2Precond
 from autoguidance.nets.toy import DenoiserMLP
 

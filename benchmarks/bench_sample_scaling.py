@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoguidance import dist  # noqa: E402
+from autoguidance.runs import dist  # noqa: E402
 
 WEIGHTS = ROOT / "autoguidance" / "weights" / "digits"
 

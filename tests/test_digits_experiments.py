@@ -7,7 +7,7 @@ import torch
 
 from autoguidance.checkpoint import save
 from autoguidance.experiments.digits import DIGITS_WEIGHTS, Lab, Settings, quantize_weights, run_experiment
-from autoguidance.metrics.features import DigitsClassifier
+from autoguidance.nets import DigitsClassifier
 from autoguidance.nets.edm2 import EDM2Precond
 from autoguidance.train.edm import digits_net_config
 
@@ -96,7 +96,7 @@ def test_floor_measures_real_images_like_samples(weights, tmp_path):
 
 
 def test_paired_delta_and_render(tmp_path, weights):
-    from autoguidance.experiments.digits_cli import render
+    from autoguidance.cli.digits import render
     from autoguidance.experiments.digits_report import paired_delta
 
     a = {"runs": [{"fd": 10.0}, {"fd": 14.0}, {"fd": 12.0}]}

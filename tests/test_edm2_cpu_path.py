@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import autoguidance as ag
-from autoguidance.edm2_import import import_edm2
-from autoguidance.latent import (FINAL_STD, RAW_MEAN, RAW_STD, StabilityVAEDecoder, VAEUnavailable, decode_latents,
+from autoguidance.edm2.convert import import_edm2
+from autoguidance.edm2.latent import (FINAL_STD, RAW_MEAN, RAW_STD, StabilityVAEDecoder, VAEUnavailable, decode_latents,
                                  latents_to_raw, load_vae, raw_to_latents)
 from autoguidance.nets.edm2 import EDM2Block, EDM2Precond, preset_config
-from autoguidance.presets import build_preset, edm2_dropout_sites, get_preset
+from autoguidance.edm2.presets import build_preset, edm2_dropout_sites, get_preset
 from conftest import assert_same_state, state_snapshot
 
 #: The papers' architectures scaled down: 8x8 inputs, two levels, tiny widths; everything else (channels,

@@ -12,7 +12,7 @@ import torch
 
 import autoguidance as ag
 from autoguidance.cli import build_parser, main
-from autoguidance.edm2_import import PickleRefused, import_edm2, read_config, read_state_dict
+from autoguidance.edm2.convert import PickleRefused, import_edm2, read_config, read_state_dict
 from autoguidance.nets.edm2 import EDM2Precond
 from test_edm2_cpu_path import small_edm2, write_official
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from autoguidance import dist
+from autoguidance.runs import dist
 from autoguidance.cli import main
 from autoguidance.metrics.extractors import get_extractor
 from autoguidance.metrics.frechet import feature_stats, frechet_distance, frechet_distance_features
 from autoguidance.metrics.running import RunningStats
-from autoguidance.sample_cli import write_shard
+from autoguidance.runs.shards import write_shard
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -73,7 +73,7 @@ def test_two_ranks_on_halves_equal_one_process(samples, tmp_path):
     for k in ("precision", "recall", "density", "coverage"):
         assert one[k] == two[k], k
     # and both equal the direct computation on all samples at once
-    from autoguidance.metrics_cli import builtin_reference
+    from autoguidance.metrics.evaluate import builtin_reference
     ref = builtin_reference("toy:A", 400, 0)
     assert abs(one["fd"] - frechet_distance_features(ref, torch.from_numpy(x))) < 1e-9
     rec = json.loads((tmp_path / "two" / "run.json").read_text())
@@ -119,7 +119,7 @@ def test_torchscript_feature_network(tmp_path):
 
 def test_digits_space_on_png_folder_and_labelled_shard(tmp_path):
     from autoguidance.data.digits import load_digits
-    from autoguidance.sample_cli import to_uint8, write_png
+    from autoguidance.runs.shards import to_uint8, write_png
     test = load_digits("test")
     imgs = test.images[:20]
     for i, im in enumerate(to_uint8(imgs.numpy())):

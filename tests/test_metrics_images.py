@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoguidance.metrics.features import DigitsClassifier, extract
+from autoguidance.metrics.features import extract
+from autoguidance.nets import DigitsClassifier
 from autoguidance.metrics.frechet import feature_stats, frechet_distance, frechet_distance_features
 from autoguidance.metrics.prdc import knn_radii, prdc
 

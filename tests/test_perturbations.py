@@ -16,7 +16,7 @@ import autoguidance as ag
 from autoguidance.nets.edm2 import EDM2Attention, EDM2Block, EDM2Precond
 from autoguidance.perturb import (BlockDrop, Dropout, IdentityAttention, InputNoise, SiteError, WeightNoise,
                                   dropout_keep, find_sites)
-from autoguidance.perturb import _RowSet
+from autoguidance.perturb.base import _RowSet
 from autoguidance.rng import dropout_scale, hash_normal, mix_keys, mix_keys_per_salt
 from autoguidance.schedules import Interval
 from conftest import assert_same_state, state_snapshot

@@ -11,7 +11,7 @@ import torch
 from autoguidance.cli import main
 from autoguidance.guidance import Guided
 from autoguidance.nets.edm2 import PRESETS as ARCHS
-from autoguidance.presets import (METHODS, PRESETS, Preset, build_preset, edm2_dropout_sites, get_preset,
+from autoguidance.edm2.presets import (METHODS, PRESETS, Preset, build_preset, edm2_dropout_sites, get_preset,
                                   list_presets, presets_markdown)
 from helpers import GaussianDenoiser, tiny_denoiser_mlp
 from test_edm2_cpu_path import small_edm2

@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import autoguidance.checkpoint as ckpt
-from autoguidance import dist
+from autoguidance.runs import dist
 from autoguidance.cli import main
-from autoguidance.methods import MethodSpec, build_method, spec_from_args
+from autoguidance.cli.options import spec_from_args
+from autoguidance.cli.sample import sample_to_folder
+from autoguidance.methods import MethodSpec, build_method
 from autoguidance.nets.edm2 import EDM2Precond
-from autoguidance.sample_cli import (ShardError, format_seeds, parse_seeds, read_shard, sample_to_folder,
-                                     shard_blocks, verify_shard, write_shard)
+from autoguidance.runs.seeds import format_seeds, parse_seeds, shard_blocks
+from autoguidance.runs.shards import ShardError, read_shard, verify_shard, write_shard
 
 TOY = ["--net", "toy-denoiser-main", "--method", "autoguidance", "--gnet", "toy-denoiser-guide", "--w", "3",
        "--sigma-max", "5", "--steps", "4", "--seeds", "0-23", "--shard-size", "6", "--no-progress"]
@@ -61,7 +63,7 @@ def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "ag.toml"
     cfg.write_text(MethodSpec(net="toy-denoiser-main", method="autoguidance", gnet="toy-denoiser-guide",
                               w=2.0).to_toml())
-    from autoguidance.sample_cli import add_parser
+    from autoguidance.cli.sample import add_parser
     import argparse
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())

@@ -7,7 +7,7 @@ import torch
 import autoguidance.checkpoint as ckpt
 from autoguidance.cli import main
 from autoguidance.nets.edm2 import EDM2Precond
-from autoguidance.sites_cli import example_shape, site_table, sites
+from autoguidance.cli.sites import example_shape, site_table, sites
 
 
 def _rows(text: str) -> dict[str, list[str]]:

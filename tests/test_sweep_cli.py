@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from autoguidance import dist
+from autoguidance.runs import dist
 from autoguidance.cli import main
 from autoguidance.methods import MethodSpec
-from autoguidance.sweep_cli import append_result, grid, parse_intervals, read_results
+from autoguidance.cli.sweep import append_result, grid, parse_intervals, read_results
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

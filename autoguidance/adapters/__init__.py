@@ -2,7 +2,27 @@
 
     from autoguidance.adapters.diffusers import DiffusersDenoiser, InSituGuidedUNet   # needs autoguidance[diffusers]
 
-Adapters import their library only when used, so `import autoguidance` never needs them.
+Adapters import their library only when used, so `import autoguidance` never needs them. Importing this package
+tells the perturbations (`autoguidance.perturb`) where each library's module rules live (skip paths, attention):
+they are loaded the first time a perturbation meets a module of that library. The core never imports an adapter.
 """
+from ..perturb import register_rule_provider
 
-__all__: list[str] = []
+__all__ = ["DiffusersDenoiser", "InSituGuidedUNet"]
+_DIFFUSERS_NAMES = set(__all__)
+
+
+def _diffusers_rules() -> None:
+    from .diffusers import register_rules
+    register_rules()
+
+
+register_rule_provider("diffusers.", _diffusers_rules)
+
+
+def __getattr__(name: str):
+    """`autoguidance.adapters.DiffusersDenoiser` etc., imported (with diffusers) on first use."""
+    if name in _DIFFUSERS_NAMES:
+        from . import diffusers
+        return getattr(diffusers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

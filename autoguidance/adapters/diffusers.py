@@ -41,7 +41,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..denoiser import as_sigma, check_labels, check_x
-from ..perturb import Dropout, Perturbation, _take_rows, register_identity_attention, register_skip_path
+from ..perturb import Dropout, Perturbation, register_identity_attention, register_skip_path
+from ..perturb.base import _take_rows
 from ..rng import as_seeds, mix_keys
 from ..schedules import ScheduleLike, as_schedule
 

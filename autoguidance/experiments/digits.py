@@ -42,7 +42,7 @@ import torch
 from ..checkpoint import WEIGHTS_DIR, load
 from ..guidance import Guide, Guided, Pass, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, \
     perturbation_guidance
-from ..io import write_json, write_text
+from ..runs.files import write_json, write_text
 from ..metrics.features import extract, load_feature_net, reference_features
 from ..metrics.frechet import frechet_distance_features
 from ..metrics.prdc import prdc

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..io import atomic_path
+from ..runs.files import atomic_path
 
 __all__ = ["Row", "row_json", "paired_delta", "table_md", "plot_sweeps", "plot_grids", "forward_flops",
            "training_costs", "costs_md", "extra_cols", "fmt_params"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import WEIGHTS_DIR
-from ..io import write_json
+from ..runs.files import write_json
 
 _DESCRIPTIONS = {
     "logp-main": "log-density MLP, class A, width 64, 4096 iterations (the papers' main model)",

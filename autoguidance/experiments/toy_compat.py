@@ -19,7 +19,6 @@ Outputs: toy_compat.md, toy_compat.json, toy_compat.png (cos and w_star against 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +28,12 @@ import torch
 
 from ..checkpoint import load
 from ..guidance import Pass
-from ..io import atomic_path, write_json, write_text
+from ..runs.files import atomic_path, write_json, write_text
 from ..perturb import Dropout, Perturbation
 from ..rng import mix_keys
 from ..toy.mixture import tree_mixture
 
-__all__ = ["GuideSpec", "guide_specs", "measure", "run_compat", "add_parser"]
+__all__ = ["GuideSpec", "guide_specs", "measure", "run_compat"]
 
 SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -193,23 +192,3 @@ def _plot(record: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("compat", help="exact compatibility of each guide on the 2D toy (cos of guidance "
-                       "direction with the true error, best w per sigma)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="autoguidance-compat", help="output folder")
-    p.add_argument("--n", type=int, default=4096, help="points per sigma")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    t0 = time.perf_counter()
-    record = run_compat(args.out, n=args.n, seed=args.seed)
-    print(format_table(record))
-    print(f"wrote {args.out}/toy_compat.md, toy_compat.json, toy_compat.png in {time.perf_counter() - t0:.0f} s")
-    return 0

@@ -20,12 +20,12 @@ import torch
 
 from ..checkpoint import load
 from ..guidance import autoguidance, cfg, insitu, insitu_weight, no_guidance
-from ..io import atomic_path, write_json, write_text
+from ..runs.files import atomic_path, write_json, write_text
 from ..metrics.toy import METRICS, summarize, toy_metrics
 from ..sampling import sample_heun, sigmas_karras
 from ..toy.mixture import tree_mixture
 
-__all__ = ["ToyMethod", "demo_methods", "run_demo", "add_parser"]
+__all__ = ["ToyMethod", "demo_methods", "run_demo"]
 
 SIGMA_MAX = 5.0
 W_CFG = 4.0
@@ -145,7 +145,7 @@ def format_table(record: dict) -> str:
 
 
 def write_outputs(out: Path, record: dict, samples: dict, methods: list[ToyMethod]) -> None:
-    from ..toy.plot import panel_figure
+    from .toy_plot import panel_figure
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "toy_demo.json", record)
@@ -165,29 +165,3 @@ def write_outputs(out: Path, record: dict, samples: dict, methods: list[ToyMetho
         fig.savefig(tmp, dpi=110, format="png")
     import matplotlib.pyplot as plt
     plt.close(fig)
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("demo", help="the 2D toy: sample every guidance method from the shipped checkpoints, "
-                       "write figure, table, numbers and samples", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="autoguidance-demo", help="output folder")
-    p.add_argument("--n", type=int, default=2048, help="points per seed")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds (spread is over these)")
-    p.add_argument("--steps", type=int, default=32, help="Heun steps")
-    p.add_argument("--methods", default="", help="comma-separated subset of method keys (default: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    methods = [m for m in args.methods.split(",") if m.strip()] or None
-    t0 = time.perf_counter()
-    record = run_demo(args.out, n=args.n, seeds=seeds, num_steps=args.steps, methods=methods,
-                      progress=not args.no_progress)
-    print(format_table(record))
-    print(f"wrote {args.out}/toy_demo.png, toy_demo.md, toy_demo.json, toy_demo_samples.npz "
-          f"in {time.perf_counter() - t0:.0f} s")
-    return 0

@@ -58,7 +58,7 @@ class RunningStats:
 
     def all_reduce(self) -> "RunningStats":
         """The sum over all torch.distributed ranks (every rank gets it); in one process, a copy."""
-        from .. import dist
+        from ..runs import dist
 
         flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.s1, self.s2.flatten()])
         flat = dist.all_reduce_sum(flat)
@@ -86,7 +86,7 @@ class RunningStats:
     def save(self, path, features: Optional[np.ndarray] = None, **meta: str) -> Path:
         """Write an NPZ (no pickle): `n`, `s1`, `s2`, `mu`, `sigma`, optionally the `features` themselves (for
         precision/recall against this reference), and string metadata (e.g. `space='digits'`)."""
-        from ..io import atomic_path
+        from ..runs.files import atomic_path
 
         arrays = dict(n=np.array(self.n, dtype=np.int64), s1=self.s1.numpy(), s2=self.s2.numpy(), mu=self.mean(),
                       sigma=self.cov())

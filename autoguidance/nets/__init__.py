@@ -1,17 +1,13 @@
-"""Networks: the toy MLPs and magnitude-preserving primitives (EDM2)."""
+"""Networks: the toy MLPs, magnitude-preserving primitives, the EDM2 U-Net, the digits feature classifier.
+
+They know nothing above them. `FAMILIES` names each network family for the checkpoint loader."""
+from .classifier import DigitsClassifier
 from .edm2 import EDM2Precond, EDM2UNet
 from .mp import MPLinear, MPSiLU, mp_cat, mp_silu, mp_sum, normalize
 from .toy import DenoiserMLP, LogDensityMLP
 
 __all__ = ["MPLinear", "MPSiLU", "mp_cat", "mp_silu", "mp_sum", "normalize", "DenoiserMLP", "LogDensityMLP",
-           "EDM2Precond", "EDM2UNet", "register_builtin_families"]
+           "EDM2Precond", "EDM2UNet", "DigitsClassifier", "FAMILIES"]
 
-
-def register_builtin_families() -> None:
-    """Register the library's own network families with the checkpoint loader."""
-    from ..checkpoint import register_family
-    register_family(LogDensityMLP.family, LogDensityMLP)
-    register_family(DenoiserMLP.family, DenoiserMLP)
-    register_family(EDM2Precond.family, EDM2Precond)
-    from ..metrics.features import DigitsClassifier  # the feature network of the digits metrics
-    register_family(DigitsClassifier.family, DigitsClassifier)
+#: family name (stored in a checkpoint's config.json) -> constructor; `autoguidance.checkpoint` reads it.
+FAMILIES = {net.family: net for net in (LogDensityMLP, DenoiserMLP, EDM2Precond, DigitsClassifier)}

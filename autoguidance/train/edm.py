@@ -37,7 +37,7 @@ import torch
 import tqdm
 
 from ..checkpoint import save
-from ..io import atomic_path, write_json
+from ..runs.files import atomic_path, write_json
 from ..nets.edm2 import EDM2Precond
 from .ema import PowerFunctionEMA
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import WEIGHTS_DIR
-from ..io import write_json, write_text
-from .digits import DIGITS_WEIGHTS, EXPERIMENTS, FULL, NOTES, QUICK, Lab, Settings, run_experiment
-from .digits_report import Row, costs_md, extra_cols, table_md
+from ..runs.files import write_json, write_text
+from ..experiments.digits import DIGITS_WEIGHTS, EXPERIMENTS, FULL, NOTES, QUICK, Lab, Settings, run_experiment
+from ..experiments.digits_report import Row, costs_md, extra_cols, table_md
 
 __all__ = ["add_parser", "render", "write_manifest"]
 

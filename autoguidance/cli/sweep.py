@@ -28,14 +28,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import dist
-from .io import atomic_path, write_json
-from .methods import METHODS, MethodSpec, add_method_arguments, build_method, label_dim, load_model, \
-    parse_floats, sample_shape, spec_from_args
-from .metrics_cli import add_metric_arguments, reference, score
-from .metrics.extractors import check_weights, get_extractor
-from .metrics.running import RunningStats
-from .sample_cli import format_seeds, labels_for, parse_classes, parse_seeds, run_record
+from ..methods import METHODS, MethodSpec, build_method, label_dim, load_model, sample_shape
+from ..metrics.evaluate import reference, score
+from ..metrics.extractors import check_weights, get_extractor
+from ..metrics.running import RunningStats
+from ..runs import dist
+from ..runs.files import atomic_path, write_json
+from ..runs.record import run_record
+from ..runs.seeds import format_seeds, labels_for, parse_classes, parse_seeds
+from .metrics import add_metric_arguments
+from .options import add_method_arguments, parse_floats, spec_from_args
 
 __all__ = ["grid", "point_key", "read_results", "append_result", "run_sweep", "plot_sweep", "add_parser",
            "METRIC_NAMES"]
@@ -160,7 +162,7 @@ def plot_sweep(results: Sequence[dict], path, metrics: Sequence[str] = METRIC_NA
 
 def _sample_point(D, seeds: list[int], shape, cls, dim, spec: MethodSpec, batch: int, dev):
     """`(samples [n, *shape], labels [n] int64)` of one grid point."""
-    from .sampling import generate
+    from ..sampling import generate
 
     labels = labels_for(seeds, cls)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), dim).float().to(dev) if cls else None

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..metrics.toy import reference
-from .mixture import tree_mixture
+from ..toy.mixture import tree_mixture
 
 __all__ = ["VIEW", "truth_grid", "draw_panel", "panel_figure"]
 

@@ -44,7 +44,7 @@ def _parse_shape(text: str) -> list[int]:
 
 def sites(model: torch.nn.Module, shape: Optional[Sequence[int]] = None) -> list[dict]:
     """`list_sites` of `model` with output shapes from one example forward at sigma = 1 (x of `shape`)."""
-    from .perturb import list_sites
+    from ..perturb import list_sites
 
     shape = list(shape) if shape is not None else example_shape(model)
     return list_sites(model, torch.zeros(shape), torch.ones(shape[0]))
@@ -63,7 +63,7 @@ def site_table(rows: list[dict], pattern: Optional[str] = None) -> str:
 
 
 def _run(args) -> int:
-    from .checkpoint import load
+    from ..checkpoint import load
 
     model = load(args.model)
     shape = _parse_shape(args.example_shape) if args.example_shape else None

@@ -28,7 +28,6 @@ Notes on faithfulness:
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +35,11 @@ from typing import Optional, Union
 
 import torch
 
-from .guidance import Guided, autoguidance, cfg, insitu, insitu_weight, no_guidance
-from .schedules import check_probability, check_weight
+from ..guidance import Guided, autoguidance, cfg, insitu, insitu_weight, no_guidance
+from ..schedules import check_probability, check_weight
 
 __all__ = ["NetSpec", "Preset", "PRESETS", "METHODS", "SAMPLER", "get_preset", "list_presets", "build_preset",
-           "edm2_dropout_sites", "presets_markdown", "add_parser"]
+           "edm2_dropout_sites", "presets_markdown", "format_number"]
 
 #: The methods a preset can name, with what `build_preset` makes of them.
 METHODS = {
@@ -108,7 +107,7 @@ class Preset:
     sampler:     dict = field(default_factory=lambda: dict(SAMPLER))
 
     def __post_init__(self):
-        from .nets.edm2 import PRESETS as ARCHS
+        from ..nets.edm2 import PRESETS as ARCHS
 
         if self.method not in METHODS:
             raise ValueError(f"preset {self.name}: unknown method {self.method!r}; expected one of {list(METHODS)}")
@@ -133,7 +132,7 @@ class Preset:
     @property
     def latent(self) -> bool:
         """True for the ImageNet-512 models, which denoise Stable Diffusion VAE latents (decode with
-        `autoguidance.latent.StabilityVAEDecoder`); False for ImageNet-64 (RGB pixels in [-1, 1])."""
+        `autoguidance.edm2.latent.StabilityVAEDecoder`); False for ImageNet-64 (RGB pixels in [-1, 1])."""
         return "img512" in self.net.arch
 
     def sampling(self, **overrides) -> dict:
@@ -270,7 +269,7 @@ def get_preset(name: str) -> Preset:
         close = difflib.get_close_matches(str(name), list(PRESETS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown preset {name!r}.{hint} List them with `autoguidance presets` "
-                       f"or autoguidance.presets.list_presets().")
+                       f"or autoguidance.edm2.presets.list_presets().")
     return PRESETS[name]
 
 
@@ -280,7 +279,7 @@ def edm2_dropout_sites(net: torch.nn.Module) -> list[str]:
     """Module paths of the `dropout` inside every EDM2 block's residual branch (between the block's second
     MP-SiLU and its second 3x3 conv, where EDM2 trains with dropout), e.g. `unet.enc.64x64_block0.dropout`.
     Every block has one, also the down/up-sampling blocks and the decoder's `_in0` / `_in1`, as in EDM2."""
-    from .nets.edm2 import EDM2Block
+    from ..nets.edm2 import EDM2Block
 
     sites = [f"{path}.dropout" for path, m in net.named_modules()
              if isinstance(m, EDM2Block) and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)]
@@ -295,7 +294,7 @@ def _as_net(net, device, role: str):
     if net is None or isinstance(net, torch.nn.Module) or (callable(net) and not isinstance(net, (str, Path))):
         return net
     if isinstance(net, (str, Path)):
-        from .checkpoint import load
+        from ..checkpoint import load
         return load(net, device=device)
     raise TypeError(f"{role} must be a network (torch.nn.Module), a denoiser callable or a checkpoint folder, "
                     f"got {type(net).__name__}")
@@ -317,7 +316,7 @@ def _check_net(preset: Preset, net, spec: NetSpec, role: str) -> None:
                          "the checkpoint.")
     channels = getattr(net, "img_channels", None)
     if channels is not None:
-        from .nets.edm2 import PRESETS as ARCHS
+        from ..nets.edm2 import PRESETS as ARCHS
         want_ch = ARCHS[spec.arch]["img_channels"]
         if channels != want_ch:
             what = "Stable Diffusion VAE latents" if want_ch == 4 else "RGB pixels"
@@ -373,7 +372,7 @@ def build_preset(name: Union[str, Preset], net, gnet=None, *, max_batch: Optiona
 
 # -- the table and the command -------------------------------------------------------------------------------
 
-def _num(v: Optional[float], bold: bool = False) -> str:
+def format_number(v: Optional[float], bold: bool = False) -> str:
     if v is None:
         return "—"
     return f"**{v:.2f}**" if bold else f"{v:.2f}"
@@ -395,58 +394,5 @@ def presets_markdown() -> str:
         else:
             guide = "itself, dropout on" if p.method == "insitu" else "—"
         rows.append(f"| `{p.name}` | {p.method} | {p.weight_text()} | {p.net.describe()} | {guide} | {extra} | "
-                    f"{_num(p.fid, p.tuned_for == 'fid')} | {_num(p.fd_dinov2, p.tuned_for == 'fd_dinov2')} |")
+                    f"{format_number(p.fid, p.tuned_for == 'fid')} | {format_number(p.fd_dinov2, p.tuned_for == 'fd_dinov2')} |")
     return "\n".join(rows) + "\n"
-
-
-def _show(p: Preset) -> str:
-    lines = [f"{p.name}: {p.description}",
-             f"  method      {p.method} ({METHODS[p.method]})",
-             f"  w           {p.weight_text()}   (D_bad + w (D_good - D_bad); w = 1: no guidance)"]
-    if p.interval:
-        lines.append(f"  interval    sigma in ({p.interval[0]:g}, {p.interval[1]:g}]")
-    if p.method == "insitu":
-        lines.append(f"  dropout     p = {p.p:g} at every EDM2 block's residual-branch dropout")
-    for role, spec in (("net", p.net), ("gnet", p.gnet)):
-        if spec is not None:
-            lines.append(f"  {role:<11s} {spec.describe(p.net.kimg)}  {spec.checkpoint or '(no official file named)'}")
-    s = p.sampler
-    lines.append(f"  sampler     {s['sampler']}, {s['num_steps']} steps, sigma {s['sigma_min']:g}..{s['sigma_max']:g}, "
-                 f"rho {s['rho']:g}{'; decode with the SD VAE (latent)' if p.latent else ''}")
-    lines.append(f"  paper       FID {_num(p.fid)}, FD_DINOv2 {_num(p.fd_dinov2)} (tuned for {p.tuned_for})")
-    lines.append(f"  source      {p.source}")
-    if p.note:
-        lines.append(f"  note        {p.note}")
-    return "\n".join(lines)
-
-
-def _cmd_presets(args) -> int:
-    if args.markdown:
-        print(presets_markdown(), end="")
-        return 0
-    names = [args.name] if args.name else list_presets()
-    try:
-        chosen = [get_preset(n) for n in names]
-    except KeyError as e:
-        raise ValueError(e.args[0]) from None
-    if args.json:
-        print(json.dumps({p.name: p.to_dict() for p in chosen}, indent=2))
-    elif args.name:
-        print(_show(chosen[0]))
-    else:
-        for p in chosen:
-            print(f"{p.name:34s} {p.method:13s} w={p.weight_text():18s} FID {_num(p.fid):>5s}  "
-                  f"FD_DINOv2 {_num(p.fd_dinov2):>6s}  {p.description}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add `autoguidance presets [NAME] [--json | --markdown]`."""
-    p = subparsers.add_parser("presets", help="list the papers' EDM2 configurations (guide, w, EMA, FID)",
-                              description="The papers' ImageNet configurations by name, with the paper's FID and "
-                                          "FD_DINOv2 beside each. Weights use D_bad + w (D_good - D_bad).")
-    p.add_argument("name", nargs="?", help="show one preset in full")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="machine-readable output")
-    fmt.add_argument("--markdown", action="store_true", help="the table of docs/presets.md")
-    p.set_defaults(func=_cmd_presets)

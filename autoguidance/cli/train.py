@@ -60,7 +60,7 @@ def _canonical_command(args) -> str:
 
 
 def _run(args) -> int:
-    from .train.edm import EDM2TrainConfig, digits_net_config, train_edm2
+    from ..train.edm import EDM2TrainConfig, digits_net_config, train_edm2
 
     config = EDM2TrainConfig(
         net=digits_net_config(args.size, 0 if args.uncond else 10, args.dropout), iters=args.iters,

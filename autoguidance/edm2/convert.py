@@ -34,7 +34,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["import_edm2", "read_state_dict", "read_config", "load_trusted_pickle", "PickleRefused",
-           "PICKLE_SUFFIXES", "add_parser"]
+           "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 _WHY = ("Unpickling an official EDM2 network file runs code stored inside it (EDM2's torch_utils.persistence saves "
@@ -58,7 +58,7 @@ class PickleRefused(ValueError):
 
 
 def _constructor_keys() -> list[str]:
-    from .nets.edm2 import EDM2Precond
+    from ..nets.edm2 import EDM2Precond
     return [k for k in inspect.signature(EDM2Precond.__init__).parameters if k != "self"]
 
 
@@ -94,7 +94,7 @@ def _check_config(cfg: dict, where: str) -> dict:
 
 
 def _raw_config(config: Union[str, Path, dict]) -> dict:
-    from .nets.edm2 import PRESETS as ARCHS, preset_config
+    from ..nets.edm2 import PRESETS as ARCHS, preset_config
 
     if isinstance(config, dict):
         return dict(config)
@@ -231,8 +231,8 @@ def import_edm2(src: Union[str, Path], out: Union[str, Path], *, config: Union[s
     optional for a trusted pickle (its `init_kwargs`; values given here override them). A `.pkl` is refused
     unless `trust_pickle=True` and `edm2_repo` is your checkout of NVlabs/edm2. The state dict must match the
     settings exactly (strict load). Returns `out`; `autoguidance.load(out)` gives the denoiser."""
-    from .checkpoint import save
-    from .nets.edm2 import EDM2Precond
+    from ..checkpoint import save
+    from ..nets.edm2 import EDM2Precond
 
     src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -292,49 +292,3 @@ def import_edm2(src: Union[str, Path], out: Union[str, Path], *, config: Union[s
     record = {"imported_from": "NVlabs/edm2 network", "source": src.name, "source_sha256": _sha256(src),
               "source_format": fmt, **info, **(meta or {})}
     return save(model, out, meta=record)
-
-
-# -- command line ---------------------------------------------------------------------------------------------
-
-def _command_line() -> str:
-    import shlex
-    return "autoguidance " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def _cmd_import(args) -> int:
-    config = args.config
-    out = import_edm2(args.src, args.out, config=config, trust_pickle=args.trust_pickle, edm2_repo=args.edm2_repo,
-                      overwrite=args.force, meta={"command": _command_line()})
-    from .checkpoint import load_config
-    cfg = load_config(out)["config"]
-    print(f"saved {out}  (EDM2 {cfg['model_channels']} channels, label_dim {cfg['label_dim']}, "
-          f"{cfg['img_channels']}x{cfg['img_resolution']}x{cfg['img_resolution']}); load it with "
-          f"autoguidance.load({str(out)!r})")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add `autoguidance import-edm2 SRC --config JSON --out DIR [--trust-pickle --edm2-repo PATH]`."""
-    p = subparsers.add_parser(
-        "import-edm2", help="import an official NVlabs/edm2 network (state dict + settings) as a checkpoint folder",
-        description="Write an official EDM2 network in this library's format (model.safetensors + config.json), "
-                    "so that autoguidance.load(DIR) returns the denoiser.",
-        epilog="Security: official .pkl network files execute code when unpickled (EDM2 stores each class's source "
-               "in the pickle and runs it). They are refused unless you pass --trust-pickle together with "
-               "--edm2-repo, the path of your own checkout of NVlabs/edm2; never pass --trust-pickle for a file "
-               "you do not trust. The safe route: in your edm2 checkout, save net.state_dict() with torch.save "
-               "(or safetensors) and json.dump(dict(net.init_kwargs)), then import those two files here.")
-    p.add_argument("src", help="the network: a .safetensors or .pt state dict (read without executing code), or "
-                               "an official .pkl (only with --trust-pickle --edm2-repo)")
-    p.add_argument("--config", help="constructor settings as the official Precond takes them: a JSON file "
-                                    "(img_resolution, img_channels, label_dim, model_channels, channel_mult, "
-                                    "num_blocks, attn_resolutions, dropout, channels_per_head, ...) or an "
-                                    "architecture name such as edm2-img512-s; required for state-dict files")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a .pkl network, which EXECUTES CODE stored in the file; use only for "
-                        "files you trust, and with --edm2-repo")
-    p.add_argument("--edm2-repo", metavar="PATH", help="your own checkout of NVlabs/edm2, put on sys.path only "
-                                                      "while the trusted pickle loads")
-    p.add_argument("--force", action="store_true", help="replace an existing checkpoint folder at --out")
-    p.set_defaults(func=_cmd_import)

@@ -1,0 +1,146 @@
+"""The machinery every perturbation shares: `Perturbation.active` installs forward hooks for one call and removes
+them on exit; `_RowSet` reads and writes the degraded rows of a batched call; strength checks and row selection."""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..schedules import Schedule, _finite
+
+__all__ = ["Perturbation", "Hook", "check_nonnegative", "check_rate"]
+
+def _rows_like(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype)
+
+
+class _RowSet:
+    """Batch rows `idx` (sorted, as `nonzero` gives them). A contiguous run (the degraded half of a batched call)
+    is read as a view and written back with one concatenation instead of a gather and a full-size scatter."""
+
+    def __init__(self, idx: torch.Tensor):
+        self.idx = idx
+        first, last = (int(idx[0]), int(idx[-1])) if len(idx) else (0, -1)
+        self.span = (first, last + 1) if last - first + 1 == len(idx) else None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.span[0]:self.span[1]] if self.span else t[self.idx]
+
+    def put(self, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`t` with the rows replaced by `rows` (out of place: the hooked module's output is not written)."""
+        if self.span:
+            a, b = self.span
+            return torch.cat([t[:a], rows, t[b:]])
+        return t.index_copy(0, self.idx, rows)
+
+    def put_product(self, t: torch.Tensor, factor: Callable[[int, int], torch.Tensor],
+                    rows_per_chunk: Optional[int] = None) -> torch.Tensor:
+        """`put(t, take(t) * factors)`, out of place; `factor(i, j)` gives the factors of degraded rows i..j-1.
+        When no gradient is needed and the rows are a contiguous run, the product is written straight into the
+        result `rows_per_chunk` rows at a time (default: all), so a site's factors never exist in full (less
+        memory, and the chunk stays in cache)."""
+        m = len(self.idx)
+        if self.span is None or (torch.is_grad_enabled() and t.requires_grad):
+            return self.put(t, self.take(t) * factor(0, m))
+        a, b = self.span
+        res = torch.empty_like(t, memory_format=torch.contiguous_format)
+        res[:a].copy_(t[:a])
+        res[b:].copy_(t[b:])
+        step = max(1, int(rows_per_chunk or m))
+        for i in range(0, m, step):
+            j = min(m, i + step)
+            torch.mul(t[a + i:a + j], factor(i, j), out=res[a + i:a + j])
+        return res
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A hook a perturbation registers for the duration of `Perturbation.active`.
+
+    kind 'forward': `fn(module, args, output)`; 'forward_kwargs': `fn(module, args, kwargs, output)`; both return
+    a replacement output or None. (`_hooks` may also return plain `(module, fn)` pairs: 'forward' hooks.)"""
+
+    module: torch.nn.Module
+    fn: Callable
+    kind: str = "forward"
+
+
+class Perturbation:
+    """Base class. Subclasses override `transform_inputs` (perturb x, sigma of the degraded rows) and/or
+    `_hooks` (forward hooks on sites). `strength` is a number or a `Schedule` of sigma."""
+
+    name = "perturbation"
+
+    def transform_inputs(self, x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor):
+        return x, sigma
+
+    def _hooks(self, model, rows, keys, sigma) -> list:  # -> list of Hook or (module, forward_hook_fn)
+        return []
+
+    def _sites_and_rows(self, model, strength: Schedule, rows, sigma):
+        """`(sites, idx, s)`: the validated sites of `model` (`self.sites`), and the rows degraded with a strength
+        `s > 0` (`idx [M]`, `s [M]` float32)."""
+        sites = self.sites(model)
+        return (sites, *_strength_rows(strength, rows, sigma))
+
+    @contextmanager
+    def active(self, model: torch.nn.Module, rows: torch.Tensor, keys: torch.Tensor,
+               sigma: torch.Tensor) -> Iterator[None]:
+        """Within the block, `model`'s forward degrades the batch rows where `rows` is True.
+        `keys` `[B]` int64 seeds the randomness row by row; `sigma` `[B]` evaluates strength schedules.
+        Every hook is removed on exit, also after an exception."""
+        if model is None and type(self)._hooks is not Perturbation._hooks:
+            raise TypeError(f"{type(self).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
+                            "the denoiser is a plain function")
+        with ExitStack() as stack:
+            for h in self._hooks(model, rows, keys, sigma):
+                h = h if isinstance(h, Hook) else Hook(*h)
+                if h.kind == "forward":
+                    handle = h.module.register_forward_hook(h.fn)
+                elif h.kind == "forward_kwargs":
+                    handle = h.module.register_forward_hook(h.fn, with_kwargs=True)
+                else:
+                    raise ValueError(f"unknown hook kind {h.kind!r}: expected 'forward' or 'forward_kwargs'")
+                stack.callback(handle.remove)
+            yield
+
+
+# -- shared helpers of the perturbations below ------------------------------------------------------------------
+
+def check_nonnegative(v: float, what: str) -> float:
+    """A finite strength >= 0 (input-noise fraction k, weight-noise std)."""
+    v = _finite(v, what)
+    if v < 0:
+        raise ValueError(f"{what} must be >= 0 (0 = no perturbation), got {v}")
+    return v
+
+
+def check_rate(v: float, what: str) -> float:
+    """A rate in [0, 1] (block drop at rate 1 removes the block from every degraded row)."""
+    v = _finite(v, what)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {v}")
+    return v
+
+
+def _strength_rows(schedule: Schedule, rows: torch.Tensor, sigma: torch.Tensor):
+    """Rows that are degraded with a strength > 0: `(idx [M] int64, strength [M] float32)`."""
+    v = torch.where(rows, schedule(sigma).to(device=sigma.device, dtype=torch.float32),
+                    torch.zeros((), dtype=torch.float32, device=sigma.device))
+    idx = torch.nonzero(v > 0).flatten()
+    return idx, v[idx]
+
+
+def _take_rows(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    """`obj` (a tensor, or tuples / lists / dicts of them) with every tensor whose axis 0 has length `n` cut to
+    the rows `idx`; other values (scalars, broadcast tensors) pass unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj[idx] if obj.ndim >= 1 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_rows(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, idx, n) for k, v in obj.items()}
+    return obj
+

@@ -1,0 +1,129 @@
+"""The files a sampling run writes: NPZ shards of samples (deterministic bytes, verified on read) and PNGs.
+
+    shards/shard-000000.npz   `samples [n, *shape]` float32, `seeds [n]` int64, `labels [n]` int64 (-1: none),
+                              `sha256` (of the three members' bytes); one block of consecutive seeds
+    png/000123.png            one image per seed (image-shaped samples only; [-1, 1] -> [0, 255])
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .files import atomic_path
+
+__all__ = ["ShardError", "shard_path", "write_shard", "read_shard", "verify_shard", "to_uint8", "write_png",
+           "export_png", "png_missing"]
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_MEMBERS = ("samples", "seeds", "labels")
+
+
+class ShardError(ValueError):
+    """A shard file is missing, truncated, corrupt, or holds other seeds than expected."""
+
+
+def shard_path(out: Path, index: int) -> Path:
+    return Path(out) / "shards" / f"shard-{index:06d}.npz"
+
+
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _zip_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    info.create_system = 3
+    zf.writestr(info, data)
+
+
+def write_shard(path, samples: np.ndarray, seeds: np.ndarray, labels: np.ndarray) -> Path:
+    """Write an NPZ shard atomically and deterministically (same arrays -> same bytes): members `samples`,
+    `seeds`, `labels` and `sha256` (hex digest of the three members' .npy bytes, in that order)."""
+    blobs = {"samples": _npy_bytes(np.asarray(samples, dtype=np.float32)),
+             "seeds": _npy_bytes(np.asarray(seeds, dtype=np.int64)),
+             "labels": _npy_bytes(np.asarray(labels, dtype=np.int64))}
+    digest = hashlib.sha256(b"".join(blobs[k] for k in _MEMBERS)).hexdigest()
+    blobs["sha256"] = _npy_bytes(np.array(digest))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in (*_MEMBERS, "sha256"):
+                _zip_member(zf, f"{name}.npy", blobs[name])
+    return path
+
+
+def read_shard(path) -> dict[str, np.ndarray]:
+    """`{'samples', 'seeds', 'labels'}` of a shard, verified: every member's CRC, the sha256 over the members,
+    and consistent lengths. Raises `ShardError` saying what is wrong (delete the file or rerun `sample`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: no such shard")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            raw = {n: zf.read(f"{n}.npy") for n in (*_MEMBERS, "sha256")}   # read() checks each CRC-32
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as e:
+        raise ShardError(f"{path} is truncated or corrupt ({e}); rerun `autoguidance sample` on its folder to "
+                         "redo it") from e
+    try:
+        arrays = {n: np.load(io.BytesIO(raw[n]), allow_pickle=False) for n in raw}
+    except ValueError as e:
+        raise ShardError(f"{path} holds an unreadable array ({e}); rerun sample to redo it") from e
+    if str(arrays["sha256"].reshape(-1)[0]) != hashlib.sha256(b"".join(raw[n] for n in _MEMBERS)).hexdigest():
+        raise ShardError(f"{path}: sha256 mismatch, the shard is corrupt; rerun sample to redo it")
+    n = len(arrays["seeds"])
+    if len(arrays["samples"]) != n or len(arrays["labels"]) != n:
+        raise ShardError(f"{path}: {len(arrays['samples'])} samples, {n} seeds, {len(arrays['labels'])} labels")
+    return {k: arrays[k] for k in _MEMBERS}
+
+
+def verify_shard(path, seeds: Sequence[int], labels: np.ndarray, shape: Sequence[int]) -> bool:
+    """True if `path` is a sound shard of exactly these seeds, labels and sample shape."""
+    try:
+        d = read_shard(path)
+    except ShardError:
+        return False
+    return (np.array_equal(d["seeds"], np.asarray(seeds, dtype=np.int64)) and np.array_equal(d["labels"], labels)
+            and list(d["samples"].shape[1:]) == list(shape))
+
+
+# -- PNG ------------------------------------------------------------------------------------------------------------
+
+def to_uint8(samples: np.ndarray) -> np.ndarray:
+    """`[N, C, H, W]` in [-1, 1] -> `[N, H, W, C]` uint8, `floor(x * 127.5 + 128)` clamped to [0, 255] (as EDM2)."""
+    x = np.asarray(samples, dtype=np.float32)
+    return np.clip(np.floor(x * 127.5 + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def write_png(path, img: np.ndarray) -> None:
+    """An 8-bit PNG (grayscale `[H, W, 1]` or RGB `[H, W, 3]` uint8) written atomically with Pillow; the same image
+    gives the same bytes (no metadata)."""
+    from PIL import Image
+
+    h, w, c = img.shape
+    if c not in (1, 3) or img.dtype != np.uint8:
+        raise ValueError(f"PNG export takes uint8 images with 1 or 3 channels, got {img.dtype} with {c} channels")
+    pil = Image.fromarray(img[..., 0] if c == 1 else img, mode="L" if c == 1 else "RGB")
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG", optimize=False, compress_level=9)
+
+
+def export_png(out: Path, samples: np.ndarray, seeds: Sequence[int]) -> None:
+    """`out/png/SEED.png` for each sample."""
+    for img, s in zip(to_uint8(samples), seeds):
+        write_png(out / "png" / f"{s:06d}.png", img)
+
+
+def png_missing(out: Path, seeds: Sequence[int]) -> bool:
+    return any(not (out / "png" / f"{s:06d}.png").exists() for s in seeds)
