@@ -3,7 +3,7 @@
 # a rerun continues every interrupted run from its latest training state in $STATE (same result as never stopping).
 #
 #   bash scripts/train_mnist_checkpoints.sh              # everything (see the steps below)
-#   STEP=s bash scripts/train_mnist_checkpoints.sh       # one step only (s, xs, s-dropout, s-uncond, xs-uncond)
+#   STEP=s bash scripts/train_mnist_checkpoints.sh       # one step only (features, s, xs, s-dropout, s-uncond, xs-uncond)
 #   W=/tmp/w T=16 bash scripts/train_mnist_checkpoints.sh  # a smoke test into another folder
 #
 # T = 4096 iterations of 64 images (~65 epochs of the 4000-image train split). EMAs: relative std 0.050 and 0.150.
@@ -26,6 +26,11 @@ run() {   # run STEP NAME ARGS...: train (or resume) one network unless STEP sel
   $PY -m autoguidance.cli train --out "$W/$step" "$@" $COMMON --state-dir "$state" ${latest:+--resume "$latest"}
 }
 
+# The feature network of the metrics (a classifier on the train split; FD in its features).
+if [[ -z "${STEP:-}" || "${STEP}" == features ]]; then
+  echo "+ features"
+  $PY -m autoguidance.cli digits features --data mnist14 --out "$W/features" --epochs 30
+fi
 # Main: S, conditional; its T/16 snapshot is "S at T/16" (reduced training only).
 run s         --size S  --snapshots 0.0625,1
 # Guide: XS along one run, T/32 .. T (the guide-length study; T/16 is the autoguidance guide, T is "capacity only").

@@ -56,3 +56,15 @@ def test_feature_net_shapes():
     assert f.shape == (7, 64) and logits.shape == (7, 10)
     with pytest.raises(ValueError, match=r"\[N, 1, 8, 8\]"):
         net.features(torch.zeros(2, 8, 8))
+
+
+def test_feature_classifier_takes_its_resolution_and_names_the_shape():
+    import pytest
+
+    net = DigitsClassifier(resolution=14)
+    assert net.features(torch.zeros(3, 1, 14, 14)).shape == (3, 64)
+    assert net.config["resolution"] == 14 and "resolution" not in DigitsClassifier().config  # old configs load
+    with pytest.raises(ValueError, match=r"takes images \[N, 1, 14, 14\]"):
+        net.features(torch.zeros(3, 1, 8, 8))
+    with pytest.raises(ValueError, match="even number"):
+        DigitsClassifier(resolution=7)

@@ -106,6 +106,8 @@ def add_parser(sub) -> None:
     f.add_argument("--out", default=str(DIGITS_WEIGHTS / "features"))
     f.add_argument("--epochs", type=int, default=40)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--data", default="digits", choices=["digits", "mnist14"], help="the images the classifier "
+                   "learns: the 8x8 digits, or MNIST at 14x14 (the harder-dataset tables)")
     f.set_defaults(func=_features_cli)
     r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
     r.add_argument("--out", default="digits-results")
@@ -149,6 +151,7 @@ def _features_cli(args) -> int:
     from ..metrics.features import train_feature_net
 
     cmd = f"autoguidance digits features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
-    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd})
+    cmd += f" --data {args.data}" if args.data != "digits" else ""
+    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd}, data=args.data)
     print(f"saved {args.out}: test accuracy {net.checkpoint_meta['test_accuracy']:.4f}")
     return 0

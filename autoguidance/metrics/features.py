@@ -29,11 +29,12 @@ FEATURES_DIR = WEIGHTS_DIR / "digits" / "features"
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translations by up to one pixel (zero-padded with background -1), per image: `[N,1,8,8]`."""
+    """Random translations by up to one pixel (zero-padded with background -1), per image: `[N, 1, R, R]`."""
+    r = x.shape[-1]
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
     dy, dx = torch.randint(0, 3, (2, len(x)), generator=gen)
-    rows = (dy[:, None] + torch.arange(8)[None, :])             # [N, 8]
-    cols = (dx[:, None] + torch.arange(8)[None, :])
+    rows = (dy[:, None] + torch.arange(r)[None, :])             # [N, R]
+    cols = (dx[:, None] + torch.arange(r)[None, :])
     n = torch.arange(len(x))[:, None, None]
     return padded[n, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
@@ -63,21 +64,27 @@ def train_feature_net(
     seed: int = 0,
     progress: bool = True,
     meta: Optional[dict] = None,
+    data: str = "digits",      # 'digits' (8x8) or 'mnist14' (MNIST at 14x14)
 ) -> DigitsClassifier:
-    """Train the classifier on the digits train split (1-pixel random shifts); its test accuracy goes in the meta."""
+    """Train the classifier on a train split (1-pixel random shifts); its test accuracy goes in the meta."""
     import tqdm
 
-    from ..data.digits import load_digits
-
-    train, test = load_digits("train"), load_digits("test")
+    if data == "digits":
+        from ..data.digits import load_digits
+        train, test = load_digits("train"), load_digits("test")
+    elif data == "mnist14":
+        from ..data.mnist import load_mnist
+        train, test = load_mnist("train", resolution=14), load_mnist("test", resolution=14)
+    else:
+        raise ValueError(f"unknown dataset {data!r}: expected 'digits' or 'mnist14'")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = DigitsClassifier()
+    net = DigitsClassifier(resolution=train.images.shape[-1])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     t0 = time.perf_counter()
-    for _ in tqdm.trange(epochs, desc="train digits features", disable=not progress, unit="epoch"):
+    for _ in tqdm.trange(epochs, desc=f"train {data} features", disable=not progress, unit="epoch"):
         net.train()
         perm = torch.randperm(len(train), generator=gen)
         for a in range(0, len(perm), batch):
@@ -89,8 +96,8 @@ def train_feature_net(
             sched.step()
     net.eval().requires_grad_(False)
     acc = {s.split: float((extract(net, s.images)[1].argmax(1) == s.classes).float().mean()) for s in (train, test)}
-    record = dict(epochs=epochs, batch=batch, lr=lr, seed=seed, train_accuracy=acc["train"],
-                  test_accuracy=acc["test"], train_seconds=round(time.perf_counter() - t0, 1), **(meta or {}))
+    record = dict(data=data, epochs=epochs, batch=batch, lr=lr, seed=seed, train_accuracy=acc[train.split],
+                  test_accuracy=acc[test.split], train_seconds=round(time.perf_counter() - t0, 1), **(meta or {}))
     net.checkpoint_meta = record
     if out is not None:
         save(net, out, meta=record)
