@@ -8,6 +8,7 @@ network is built by this library's own constructor for the named family.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ import torch
 from .nets import FAMILIES as _BUILTIN_FAMILIES
 from .runs.files import current_umask, write_json
 
-__all__ = ["save", "load", "load_config", "shipped", "register_family", "WEIGHTS_DIR", "CheckpointError"]
+__all__ = ["save", "load", "load_config", "shipped", "register_family", "digest", "file_sha256", "add_checksum",
+           "WEIGHTS_DIR", "CheckpointError"]
 
 FORMAT = "autoguidance-checkpoint"
 VERSION = 1
@@ -66,6 +68,47 @@ def _resolve(name_or_path) -> Path:
                             "model.safetensors and config.json.")
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_DIGESTS: dict = {}
+
+
+def digest(name_or_path) -> str:
+    """A checkpoint's identity: sha256 over its config.json and model.safetensors bytes (cached per process by
+    path, size and modification time). Runs record it, so a changed checkpoint never reuses old results."""
+    path = _resolve(name_or_path)
+    files = [path / "config.json", path / "model.safetensors"]
+    key = tuple((str(f.resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat())) if f.exists() else
+                (str(f), None) for f in files)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update((file_sha256(f) if f.is_file() else "-").encode())
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def add_checksum(name_or_path) -> bool:
+    """Record the sha256 of a checkpoint's model.safetensors in its config.json (`"sha256"`), leaving the tensor
+    file untouched; returns False if it was already there and right. (scripts/add_checkpoint_checksums.py)"""
+    path = _resolve(name_or_path)
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    sha = file_sha256(path / "model.safetensors")
+    if cfg.get("sha256") == sha:
+        return False
+    cfg["sha256"] = sha
+    write_json(cfg_file, cfg)
+    return True
+
+
 def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
     """Write `model` (which must have `.family` and `.config`) to the folder `path`, atomically."""
     from safetensors.torch import save_file
@@ -82,7 +125,8 @@ def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"format": FORMAT, "version": VERSION, "family": family,
-                                         "config": config, "meta": meta or {}})
+                                         "config": config, "meta": meta or {},
+                                         "sha256": file_sha256(tmp / "model.safetensors")})
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -97,11 +141,14 @@ def load_config(name_or_path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path} has no config.json: not an autoguidance checkpoint folder")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is not a file: not an autoguidance checkpoint folder")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt, save it again") from e
-    if cfg.get("format") != FORMAT or "family" not in cfg or "config" not in cfg:
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "family" not in cfg \
+            or not isinstance(cfg.get("config"), dict):
         raise CheckpointError(f"{cfg_file} is not an {FORMAT} config (needs 'format', 'family', 'config')")
     return cfg
 
@@ -115,13 +162,22 @@ def load(name_or_path, device="cpu") -> torch.nn.Module:
     path = _resolve(name_or_path)
     cfg = load_config(path)
     weights = path / "model.safetensors"
-    if not weights.exists():
-        raise CheckpointError(f"{path} has config.json but no model.safetensors")
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has config.json but no model.safetensors file")
+    if cfg.get("sha256") is not None and file_sha256(weights) != cfg["sha256"]:
+        raise CheckpointError(f"{weights}: sha256 differs from the one in config.json: the tensor data is corrupt or truncated; "
+                              "restore or save the checkpoint again")
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is corrupt or truncated, save it again") from e
-    model = _constructor(cfg["family"])(**cfg["config"])
+    try:
+        model = _constructor(cfg["family"])(**cfg["config"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # a constructor rejecting the settings (width -1, unknown keys, wrong types)
+        raise CheckpointError(f"{path / 'config.json'}: cannot build a {cfg['family']} network from its config "
+                              f"({type(e).__name__}: {e}); the config is corrupt, save the checkpoint again") from e
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

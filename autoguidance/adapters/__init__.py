@@ -2,13 +2,18 @@
 
     from autoguidance.adapters.diffusers import DiffusersDenoiser, InSituGuidedUNet   # needs autoguidance[diffusers]
 
+`DiffusersDenoiser` wraps U-Nets and transformers (DiT, SD3, Flux, PixArt / Sana, video DiTs) with a VP or a
+flow-matching scheduler; conditioning goes in as a mapping of the model's keyword arguments. k-diffusion's model
+wrappers (`DiscreteEpsDDPMDenoiser`, ...) need no adapter: guidance passes a conditioning mapping to a net whose
+forward takes `**kwargs` as keyword arguments, and guided denoisers run in k-diffusion's samplers as they are.
+
 Adapters import their library only when used, so `import autoguidance` never needs them. Importing this package
 tells the perturbations (`autoguidance.perturb`) where each library's module rules live (skip paths, attention):
 they are loaded the first time a perturbation meets a module of that library. The core never imports an adapter.
 """
 from ..perturb import register_rule_provider
 
-__all__ = ["DiffusersDenoiser", "InSituGuidedUNet"]
+__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "flow_times"]
 _DIFFUSERS_NAMES = set(__all__)
 
 

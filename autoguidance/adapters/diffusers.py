@@ -19,6 +19,24 @@ A sigma between training steps maps to a fractional timestep, linear in log(sigm
 
 Sample with sigmas inside the model's range: `sigmas_karras(n, D.sigma_min, D.sigma_max)`.
 
+**Flow matching** (`FlowMatchEulerDiscreteScheduler`, SD3 / Flux / rectified flows): x_t = (1 - t) x0 + t n,
+model timestep = t * num_train_timesteps, output by type (`prediction_type`):
+
+    flow (velocity v = n - x0, the default):   x0 = x_t - t v
+    epsilon:                                   x0 = (x_t - t eps) / (1 - t)      (t < 1)
+    sample:                                    x0 = output
+
+In EDM form x = x_t / (1 - t), sigma = t / (1 - t); `D.flow(x_t, t, labels)` gives the same x0 directly in t,
+finite at t = 1 (pure noise), for `autoguidance.sampling.sample_flow_euler` (see its module docstring).
+`flow_times(scheduler, num_steps, mu=None)` returns the scheduler's own flow times (shift, dynamic shift).
+
+**Models**: `UNet2DModel`, `UNet2DConditionModel` (SDXL `added_cond_kwargs` too), `DiTTransformer2DModel`
+(class labels; learned sigma: the variance channels are dropped from D), `SD3Transformer2DModel`, and other
+diffusers models called `model(x, timestep=t, **conditioning)` (PixArt, Sana, video models with 5-D latents).
+**Conditioning as data**: `labels` may be a mapping of the model's keyword arguments, batch first
+(`{"encoder_hidden_states": ..., "pooled_projections": ...}`, `{"class_labels": ...}`, SDXL's `text_embeds` /
+`time_ids` flat or inside `added_cond_kwargs`); guidance row-selects it, CFG takes `uncond_labels=`.
+
 **InSituGuidedUNet** goes in place of `pipe.unet`: each call evaluates the exact pass and the degraded pass
 (any `autoguidance.perturb.Perturbation`, default dropout p = 0.1) in ONE batched forward call and returns the
 guided prediction of the unet's own type. For epsilon (and v, and sample) prediction, the x0 prediction is an
@@ -41,15 +59,29 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..denoiser import as_sigma, check_labels, check_x
-from ..perturb import Dropout, Perturbation, register_identity_attention, register_skip_path
+from collections.abc import Mapping
+
+from ..denoiser import sigma_to_t
+from ..perturb import Dropout, Perturbation, register_block_inputs, register_identity_attention, register_skip_path
 from ..perturb.base import _take_rows
 from ..rng import as_seeds, mix_keys
 from ..schedules import ScheduleLike, as_schedule
 
-__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "VPSchedule", "register_rules"]
+__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "VPSchedule", "FlowSchedule", "flow_times", "register_rules"]
 
 INSTALL_HINT = "pip install autoguidance[diffusers]"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION_TYPES = ("flow", "epsilon", "sample")
+#: keyword arguments a model class needs in its conditioning (beyond x and the timestep)
+REQUIRED_CONDITIONING = {
+    "DiTTransformer2DModel": ("class_labels",),
+    "SD3Transformer2DModel": ("encoder_hidden_states", "pooled_projections"),
+    "FluxTransformer2DModel": ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"),
+    "PixArtTransformer2DModel": ("encoder_hidden_states",),
+    "SanaTransformer2DModel": ("encoder_hidden_states",),
+    "WanTransformer3DModel": ("encoder_hidden_states",),
+}
+_ADDED_COND = ("text_embeds", "time_ids", "image_embeds", "hint")
 
 
 def _require_diffusers():
@@ -106,6 +138,59 @@ class VPSchedule:
         return (self.log_sigmas[lo] * (1 - frac) + self.log_sigmas[lo + 1] * frac).exp()
 
 
+class FlowSchedule:
+    """A flow-matching scheduler's time axis: t in [0, 1], model timestep `t * num_train_timesteps`,
+    EDM sigma = t / (1 - t). `sigma_min` / `sigma_max` bound the EDM samplers' range (t = 1/T to 1 - 1/T);
+    sampling from t = 1 itself goes through `sample_flow_euler`."""
+
+    def __init__(self, scheduler, model=None):
+        config = getattr(scheduler, "config", None)
+        self.num_train_timesteps = int(getattr(config, "num_train_timesteps", 1000) or 1000)
+        # Flux-style models take t itself (they scale it by 1000 inside); SD3-style ones t * num_train_timesteps
+        self.scale = 1.0 if type(model).__name__.startswith("Flux") else float(self.num_train_timesteps)
+        if getattr(config, "invert_sigmas", False):
+            raise ValueError("inverted flow schedules (invert_sigmas=True, Mochi) are not supported: use a "
+                             "FlowMatchEulerDiscreteScheduler with invert_sigmas=False")
+
+    @property
+    def sigma_min(self) -> float:
+        t = 1.0 / self.num_train_timesteps
+        return t / (1 - t)
+
+    @property
+    def sigma_max(self) -> float:
+        t = 1.0 - 1.0 / self.num_train_timesteps
+        return t / (1 - t)
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.scale if self.scale != 1.0 else t
+
+
+def flow_times(scheduler, num_steps: int, mu: Optional[float] = None, device="cpu") -> torch.Tensor:
+    """The flow times `[num_steps + 1]` (ending in 0) a flow-matching scheduler visits: its own `set_timesteps`
+    on a copy (shift, dynamic shift with `mu`, terminal stretch, ... included), for `sample_flow_euler`."""
+    import copy
+
+    if not type(scheduler).__name__.startswith("FlowMatch"):
+        raise TypeError(f"flow_times needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), got "
+                        f"{type(scheduler).__name__}")
+    sch = copy.deepcopy(scheduler)
+    if mu is None:
+        sch.set_timesteps(num_steps, device=device)
+    else:
+        sch.set_timesteps(num_steps, device=device, mu=mu)
+    return sch.sigmas.to(torch.float32)
+
+
+def _make_schedule(scheduler, quantize: bool, model=None):
+    if getattr(scheduler, "alphas_cumprod", None) is not None:
+        return VPSchedule(scheduler, quantize)
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return FlowSchedule(scheduler, model)
+    raise TypeError(f"DiffusersDenoiser does not know {type(scheduler).__name__}: pass a discrete VP scheduler "
+                    "with alphas_cumprod (DDPM, DDIM, Euler, DPM-Solver, ...) or FlowMatchEulerDiscreteScheduler")
+
+
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -130,7 +215,13 @@ def x0_to_output(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, predict
     return x0
 
 
-def _prediction_type(scheduler, prediction_type: Optional[str]) -> str:
+def _prediction_type(scheduler, prediction_type: Optional[str], flow: bool = False) -> str:
+    if flow:
+        pt = prediction_type or "flow"
+        if pt not in FLOW_PREDICTION_TYPES:
+            raise ValueError(f"a flow-matching model's prediction_type must be one of "
+                             f"{', '.join(FLOW_PREDICTION_TYPES)}, got {pt!r}")
+        return pt
     pt = prediction_type or getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
     if pt not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {pt!r}")
@@ -144,6 +235,13 @@ def _attention_identity(attn, args, kwargs):
     `softmax(q k^T)` -> I, i.e. to_out(to_v(h)) with the same norms, reshapes, residual and rescale."""
     hidden = args[0] if args else kwargs["hidden_states"]
     ehs = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    if getattr(attn, "pre_only", False) and ehs is None:   # Flux single blocks: one joint sequence, no to_out
+        return attn.to_v(hidden), 0
+    if ehs is not None and ehs is not hidden and getattr(attn, "add_v_proj", None) is not None:
+        # joint attention (SD3 / MMDiT): identity on the image-image part, as perturbed-attention guidance does on
+        # MMDiT: each image token's output is its own value, to_out(to_v(h)); the text tokens' output (the second
+        # element of the module's output) stays that of the exact attention.
+        return attn.to_out[1](attn.to_out[0](attn.to_v(hidden))), 0
     if ehs is not None and ehs is not hidden:
         raise ValueError("identity attention needs self-attention, but this diffusers Attention was called with "
                          "encoder_hidden_states (cross-attention); choose the self-attention modules (attn1)")
@@ -177,6 +275,14 @@ def _resnet_skip(block, input_tensor, temb=None, *args, **kwargs):
     return x / block.output_scale_factor
 
 
+def _joint_block_inputs(block, args, kwargs):
+    """`JointTransformerBlock(hidden_states, encoder_hidden_states, temb)` returns `(encoder_hidden_states,
+    hidden_states)` (encoder None when context_pre_only): its inputs in that order."""
+    names = ("hidden_states", "encoder_hidden_states")
+    h, e = [args[i] if len(args) > i else kwargs.get(names[i]) for i in range(2)]
+    return (None if getattr(block, "context_pre_only", False) else e, h)
+
+
 _REGISTERED = False
 
 
@@ -186,13 +292,27 @@ def register_rules() -> None:
     if _REGISTERED:
         return
     _require_diffusers()
+    _REGISTERED = True
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
     register_identity_attention(Attention, _attention_identity,
                                 is_self_attention=lambda m: not getattr(m, "is_cross_attention", False))
     register_skip_path(ResnetBlock2D, _resnet_skip)
-    _REGISTERED = True
+    try:
+        from diffusers.models.attention import JointTransformerBlock
+    except ImportError:  # pragma: no cover - older diffusers
+        JointTransformerBlock = None
+    if JointTransformerBlock is not None:
+        register_block_inputs(JointTransformerBlock, _joint_block_inputs)
+    try:
+        from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxSingleTransformerBlock,
+                                                                    FluxTransformerBlock)
+    except ImportError:  # pragma: no cover - older diffusers
+        return
+    register_identity_attention(FluxAttention, _attention_identity)
+    register_block_inputs(FluxTransformerBlock, _joint_block_inputs)
+    register_block_inputs(FluxSingleTransformerBlock, _joint_block_inputs)
 
 
 # -- the denoiser ------------------------------------------------------------------------------------------------
@@ -231,10 +351,17 @@ class DiffusersDenoiser(torch.nn.Module):
         super().__init__()
         register_rules()
         self.unet = unet
-        self.schedule = VPSchedule(scheduler, quantize)
-        self.prediction_type = _prediction_type(scheduler, prediction_type)
+        self.schedule = _make_schedule(scheduler, quantize, unet)
+        self.is_flow = isinstance(self.schedule, FlowSchedule)
+        self.prediction_type = _prediction_type(scheduler, prediction_type, self.is_flow)
         self.unet_kwargs = dict(unet_kwargs or {})
         config = getattr(unet, "config", None)
+        required = list(REQUIRED_CONDITIONING.get(type(unet).__name__, ()))
+        if type(unet).__name__ == "UNet2DConditionModel":
+            required.append("encoder_hidden_states")
+            if getattr(config, "addition_embed_type", None) == "text_time":
+                required += ["added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"]
+        self.required = tuple(k for k in required if k.partition(".")[0] not in self.unet_kwargs)
         self.cross_attention_dim = getattr(config, "cross_attention_dim", None) if config is not None else None
         has_class = getattr(unet, "class_embedding", None) is not None
         if encoder_hidden_states is not None:
@@ -257,6 +384,8 @@ class DiffusersDenoiser(torch.nn.Module):
         if labels_as == "text" and self.cross_attention_dim is None:
             raise ValueError("labels_as='text' but the unet has no cross-attention (cross_attention_dim unset)")
         self.labels_as = labels_as
+        #: False for an unconditional model (CFG refuses it: its guide pass would equal its main pass)
+        self.conditional = labels_as != "none" or bool(self.required)
         self.null_class = null_class
         self.register_buffer("encoder_hidden_states", encoder_hidden_states, persistent=False)
         self.register_buffer("null_text", null_text, persistent=False)
@@ -329,14 +458,117 @@ class DiffusersDenoiser(torch.nn.Module):
             kwargs["encoder_hidden_states"] = ehs
         return x_vp.to(dtype), t, kwargs
 
+    def conditioning_kwargs(self, cond: Mapping, n: int) -> dict:
+        """The model's keyword arguments from a conditioning mapping (SDXL's `text_embeds` / `time_ids` may be
+        given flat: they go into `added_cond_kwargs`); checks that the keys the model needs are there."""
+        kwargs = dict(self.unet_kwargs)
+        added = dict(kwargs.get("added_cond_kwargs") or {})
+        for k, v in cond.items():
+            if k in _ADDED_COND:
+                added[k] = v
+            elif k == "added_cond_kwargs":
+                added.update(v)
+            else:
+                kwargs[k] = v
+        if added:
+            kwargs["added_cond_kwargs"] = added
+        if "encoder_hidden_states" not in kwargs and self.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = self.encoder_hidden_states.expand(n, -1, -1)
+        self._check_required(kwargs)
+        dtype = getattr(self.unet, "dtype", None)
+        return _cast_floats(kwargs, dtype)
+
+    def _check_required(self, kwargs: dict) -> None:
+        for key in self.required:
+            head, _, tail = key.partition(".")
+            if kwargs.get(head) is None or (tail and tail not in kwargs[head]):
+                raise ValueError(f"the conditioning misses {tail or head!r}, which {type(self.unet).__name__} needs: "
+                                 f"pass labels={{{', '.join(repr(k.split('.')[-1]) for k in self.required)}: "
+                                 "batch-first tensors}")
+
+    def _run(self, x_in: torch.Tensor, timestep: torch.Tensor, kwargs: dict, like: torch.Tensor) -> torch.Tensor:
+        """The model's output `[N, C, ...]` (learned-variance channels dropped)."""
+        out = self.unet(x_in, timestep=timestep, return_dict=False, **kwargs)[0]
+        c = like.shape[1] if like.ndim > 1 else None
+        if out.shape != like.shape:
+            if c is not None and out.shape[1] == 2 * c and out.shape[2:] == like.shape[2:]:
+                out = out[:, :c]       # learned sigma (DiT, IF): guide the prediction, not the variance channels
+            else:
+                raise ValueError(f"{type(self.unet).__name__} returned {list(out.shape)} for an input of "
+                                 f"{list(like.shape)}: expected the input's shape (or 2x its channels for learned "
+                                 "variance); check in_channels / out_channels of the model")
+        return out
+
     def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_x(x)
         sigma = as_sigma(sigma, x)
         labels = check_labels(labels, x.shape[0])
-        x_vp, t, kwargs = self.unet_inputs(x, sigma, labels)
-        out = self.unet(x_vp, t, return_dict=False, **kwargs)[0]
+        if self.is_flow:
+            t = sigma_to_t(sigma.to(torch.float64))
+            x_t = x.to(torch.float64) / _col(1 + sigma.to(torch.float64), x).to(torch.float64)
+            return self._flow(x_t.to(torch.float32), t.to(torch.float32), labels).to(x.dtype)
+        if isinstance(labels, Mapping):
+            dtype = getattr(self.unet, "dtype", x.dtype)
+            x_vp = (x / _col((1 + sigma.to(torch.float64) ** 2).sqrt(), x)).to(dtype)
+            t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+            out = self._run(x_vp, t, self.conditioning_kwargs(labels, len(x)), x)
+        else:
+            x_vp, t, kwargs = self.unet_inputs(x, sigma, labels)
+            self._check_required(kwargs)
+            out = self._run(x_vp, t, kwargs, x)
         return output_to_x0(out.to(torch.float32), x.to(torch.float32), sigma.to(torch.float32),
                             self.prediction_type).to(x.dtype)
+
+    def flow(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
+        """The x0 prediction of a flow-matching model at flow time `t` (scalar or `[N]` in (0, 1]) from
+        x_t = (1 - t) x0 + t n; finite at t = 1 (pure noise)."""
+        if not self.is_flow:
+            raise TypeError("flow(x_t, t) needs a flow-matching scheduler; this denoiser has a VP schedule: "
+                            "call it in EDM form D(x, sigma, labels)")
+        check_x(x_t, name="x_t")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        t = t.expand(len(x_t)) if t.ndim == 0 else t
+        if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
+            raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
+        labels = check_labels(labels, len(x_t))
+        return self._flow(x_t, t, labels).to(x_t.dtype)
+
+    def _flow(self, x_t: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
+        n = len(x_t)
+        dtype = getattr(self.unet, "dtype", x_t.dtype)
+        if isinstance(labels, Mapping):
+            kwargs = self.conditioning_kwargs(labels, n)
+        else:
+            if self.labels_as == "none" and labels is not None and bool((labels != 0).any()):
+                raise ValueError("this model is unconditional: labels must be None or zero rows")
+            kwargs = dict(self.unet_kwargs)
+            class_labels = self._class_labels(labels, n, x_t.device)
+            if class_labels is not None:
+                kwargs["class_labels"] = class_labels
+            ehs = self._encoder_states(labels, n, dtype)
+            if ehs is not None:
+                kwargs["encoder_hidden_states"] = ehs
+            self._check_required(kwargs)
+        out = self._run(x_t.to(dtype), self.schedule.timestep(t), kwargs, x_t).to(torch.float32)
+        xt, tc = x_t.to(torch.float32), _col(t, x_t).to(torch.float32)
+        if self.prediction_type == "flow":
+            return xt - tc * out
+        if self.prediction_type == "epsilon":
+            if bool((t >= 1).any()):
+                raise ValueError("an epsilon-predicting flow model has no x0 prediction at t = 1 (x0 = (x_t - eps) / "
+                                 "0): start sampling below t = 1, or use a velocity / sample model")
+            return (xt - tc * out) / (1 - tc)
+        return out
+
+
+def _cast_floats(obj, dtype):
+    if dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 # -- in-situ guidance inside a pipeline's loop -------------------------------------------------------------------
@@ -427,7 +659,11 @@ class InSituGuidedUNet(torch.nn.Module):
             bad = x0_to_output(x0_bad, x_deg, s_all[n:], self.prediction_type).to(pred.dtype)
         wd = _col(w[deg], pred)
         guided = good.clone()
-        guided[deg] = bad + wd * (good[deg] - bad)
+        c = sample.shape[1]
+        if pred.shape[1] == 2 * c:      # learned variance: guide the prediction, keep the main pass's variance
+            guided[deg, :c] = bad[:, :c] + wd * (good[deg, :c] - bad[:, :c])
+        else:
+            guided[deg] = bad + wd * (good[deg] - bad)
         if return_dict:
             return type(out)(sample=guided)
         return (guided,)

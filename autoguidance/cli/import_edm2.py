@@ -9,9 +9,17 @@ __all__ = ["add_parser"]
 
 
 def _cmd_import(args) -> int:
+    import pickle
+    import struct
+    import zipfile
+
     config = args.config
-    out = import_edm2(args.src, args.out, config=config, trust_pickle=args.trust_pickle, edm2_repo=args.edm2_repo,
-                      overwrite=args.force, meta={"command": command_line_of_argv()})
+    try:
+        out = import_edm2(args.src, args.out, config=config, trust_pickle=args.trust_pickle,
+                          edm2_repo=args.edm2_repo, overwrite=args.force, meta={"command": command_line_of_argv()})
+    except (struct.error, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError, IndexError) as e:
+        raise ValueError(f"{args.src} is not a readable network file ({type(e).__name__}: {e}); is it truncated "
+                         "or not a state dict?") from e
     cfg = load_config(out)["config"]
     print(f"saved {out}  (EDM2 {cfg['model_channels']} channels, label_dim {cfg['label_dim']}, "
           f"{cfg['img_channels']}x{cfg['img_resolution']}x{cfg['img_resolution']}); load it with "

@@ -27,19 +27,26 @@ from ..metrics.evaluate import accumulate, reference, score
 from ..metrics.extractors import SPACES, check_weights, get_extractor
 from ..runs import dist
 from ..runs.files import write_json
-from ..runs.record import run_record
+from ..runs.record import check_out, run_record
 from ..runs.sources import collect_units
+from .options import check_positive
 
 __all__ = ["add_parser", "add_metric_arguments", "vars_config"]
 
 
 def _run(args) -> int:
-    check_weights(args.space, args.inception_weights, args.dinov2_weights)   # fail before reading anything
+    check_weights(args.space, args.inception_weights, args.dinov2_weights,   # fail before reading anything
+                  trust_pickle=args.trust_pickle)
+    check_positive(args.batch, "--batch", "images per feature-network call")
+    if args.ref_n < 1:
+        raise ValueError(f"--ref-n must be a positive number of reference samples, got {args.ref_n}")
+    if args.out is not None:
+        check_out(args.out)
     dist.init()
     try:
         extractor = get_extractor(args.space, inception_weights=args.inception_weights,
-                                  dinov2_weights=args.dinov2_weights, batch=args.batch,
-                                  device=dist.device(args.device))
+                                  dinov2_weights=args.dinov2_weights, trust_pickle=args.trust_pickle,
+                                  batch=args.batch, device=dist.device(args.device))
         ref, ref_feats = reference(args.ref, extractor, ref_stats=args.ref_stats, ref_n=args.ref_n,
                                    ref_seed=args.ref_seed, keep_features=not args.no_prdc)
         result = {"space": args.space, "sources": list(args.sources), "ref": args.ref or args.ref_stats}
@@ -68,8 +75,13 @@ def add_metric_arguments(p) -> None:
     """Feature space and reference flags, shared with `sweep`."""
     g = p.add_argument_group("features and reference")
     g.add_argument("--space", default="digits", choices=list(SPACES), help="feature space")
-    g.add_argument("--inception-weights", default=None, help="local TorchScript Inception-v3 (FID); never downloaded")
-    g.add_argument("--dinov2-weights", default=None, help="local TorchScript DINOv2 ViT-L/14; never downloaded")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="also load a pickle / TorchScript / .pt2 feature network (RUNS CODE from the file; only for "
+                        "files you trust, e.g. NVlabs' inception-2015-12-05.pkl)")
+    g.add_argument("--inception-weights", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's state dict; FID); never downloaded")
+    g.add_argument("--dinov2-weights", default=None,
+                   help="dinov2_vitl14_pretrain.pth (the official state dict; FD_DINOv2); never downloaded")
     g.add_argument("--ref", default=None, help="digits-test, toy:A|B|AB, or a samples folder / shard")
     g.add_argument("--ref-stats", default=None, help="NPZ of reference statistics: loaded if it exists, else saved")
     g.add_argument("--ref-n", type=int, default=10000, help="samples of a toy:* reference")

@@ -8,7 +8,14 @@ from typing import Optional
 from ..methods import METHODS, PERTURBATIONS, MethodSpec, preset_fields, toml_loads
 from ..sampling import SAMPLERS
 
-__all__ = ["parse_floats", "add_method_arguments", "spec_from_args"]
+__all__ = ["parse_floats", "add_method_arguments", "spec_from_args", "check_positive"]
+
+
+def check_positive(v, flag: str, what: str) -> int:
+    """A positive integer flag value, or a one-line error naming the flag."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{flag} must be a positive integer ({what}), got {v}")
+    return v
 
 
 def parse_floats(text: str, n: Optional[int] = None, what: str = "value") -> tuple:
@@ -29,6 +36,8 @@ def add_method_arguments(p, with_grid: bool = False) -> None:
     g = p.add_argument_group("model and guidance")
     g.add_argument("--config", default=None, help="TOML file of MethodSpec keys (flags override it)")
     g.add_argument("--net", default=None, help="main net: shipped name, checkpoint folder, or module:function")
+    g.add_argument("--trust-code", action="store_true", help="allow nets given as module:function: importing them "
+                   "runs their code (a config file cannot set this)")
     if not with_grid:
         g.add_argument("--method", default=None, choices=list(METHODS), help="guidance method")
         g.add_argument("--w", type=float, default=None, help="guidance weight w (1 = no guidance)")
@@ -60,7 +69,16 @@ def spec_from_args(args) -> MethodSpec:
         path = Path(args.config)
         if not path.exists():
             raise FileNotFoundError(f"--config {path}: no such file")
-        d.update(toml_loads(path.read_text(), f"--config {path}"))
+        if not path.is_file():
+            raise ValueError(f"--config {path} is not a file: give a TOML file of method settings")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {path} is not a text (TOML) file ({e})") from e
+        d.update(toml_loads(text, f"--config {path}"))
+        if "trust_code" in d:
+            raise ValueError(f"--config {path} sets trust_code: a config file cannot allow running code; drop "
+                             "that key and pass --trust-code on the command line")
     flags = dict(net=args.net, method=getattr(args, "method", None), w=getattr(args, "w", None),
                  p=getattr(args, "p", None), perturbation=args.perturbation, where=args.where, gnet=args.gnet,
                  uncond=args.uncond, a=args.a, preset=args.preset, max_batch=args.max_batch, sampler=args.sampler,

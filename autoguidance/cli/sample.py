@@ -19,6 +19,13 @@ that verify (CRC of every member, sha256, expected seeds and labels) and redoes 
 ones. A rerun may add seeds after the recorded ones (same config); anything else is refused. Labels: seed s
 gets class `classes[s % len(classes)]`.
 
+Each shard also stores the run's identity (a digest of the method spec, the nets' checkpoint digests, the
+sampler settings, the shard's seeds and labels, and the sample shape), so a rerun reuses only shards made by the
+same settings, also when run.json is damaged or deleted; other shards (and shards of older versions, which carry
+no identity) are recomputed. The folder is locked (`OUT/.lock`) while a run writes to it: a second run on it is
+refused at once, naming the first. Temporary files of a killed run are hidden (`.tmp-*`), never read as data,
+and removed by the next run.
+
 Test hook: `AUTOGUIDANCE_STOP_AFTER_SHARDS=N` makes each process exit hard (`os._exit(3)`, no cleanup) right after
 writing its N-th shard, to simulate a kill mid-run.
 """
@@ -28,19 +35,20 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..methods import MethodSpec, build_method, label_dim, load_model, sample_shape
+from ..methods import MethodSpec, build_method, label_dim, load_model, model_digest, sample_shape
 from ..runs import dist
-from ..runs.files import write_json, write_text
-from ..runs.record import check_resume, run_record
+from ..runs.files import clean_temp, write_json, write_text
+from ..runs.lock import lock_run
+from ..runs.record import check_out, check_resume, command_line, identity_of, run_record
 from ..runs.seeds import labels_for, parse_classes, parse_seeds, shard_blocks
-from ..runs.shards import export_png, png_missing, read_shard, shard_path, verify_shard, write_shard
-from .options import add_method_arguments, parse_floats, spec_from_args
+from ..runs.shards import (export_png, png_missing, read_shard, shard_identity, shard_path, verify_shard,
+                           write_shard)
+from .options import add_method_arguments, check_positive, parse_floats, spec_from_args
 
 __all__ = ["sample_to_folder", "add_parser"]
 
@@ -55,24 +63,23 @@ def sample_to_folder(spec: MethodSpec, seeds: Sequence[int], out, *,
                      shape:      Optional[Sequence[int]] = None,  # one sample's shape (default: from the net)
                      device:     Optional[str] = None,   # 'cpu' / 'cuda' (default: cuda:LOCAL_RANK if available)
                      progress:   bool = True,            # progress bar on rank 0
+                     trust_code: bool = False,           # allow nets given as module:function (runs their code)
                      args:       Optional[argparse.Namespace] = None) -> dict:
     """Sample one image per seed into `out` (see the module docstring), this rank's shards only; returns a summary
     `{'shards', 'done', 'skipped', 'images', 'seconds'}` of this rank, plus `total_images` (all ranks) and
     `seconds_max` (the slowest rank's sampling time). Call `dist.init()` first under torchrun."""
-    import tqdm
-
-    from ..sampling import generate
-
-    out = Path(out)
+    out = check_out(out)
+    if batch is not None and (isinstance(batch, bool) or batch < 1):
+        raise ValueError(f"--batch must be a positive number of images per sampler call, got {batch}")
     dev = dist.device(device)
     cache: dict = {}
 
     def load(ref):
         if ref not in cache:
-            cache[ref] = load_model(ref, dev)
+            cache[ref] = load_model(ref, dev, trust_code=trust_code)
         return cache[ref]
 
-    D = build_method(spec, load=load, device=dev)
+    D = build_method(spec, load=load, device=dev, trust_code=trust_code)
     net = load(spec.net)
     shape = list(shape) if shape is not None else sample_shape(net)
     dim = label_dim(net)
@@ -83,6 +90,22 @@ def sample_to_folder(spec: MethodSpec, seeds: Sequence[int], out, *,
     batch = batch or min(shard_size, 256)
     config = {"spec": spec.to_dict(), "shape": shape, "classes": cls, "label_dim": dim, "shard_size": shard_size}
     output = {"png": png, "batch": batch}   # recorded, but free to change on resume (results do not depend on them)
+    nets = sorted({r for r in (spec.net, spec.gnet, spec.uncond) if r})
+    identity = identity_of({**config, "sampling": spec.sampling(), "nets": {r: model_digest(r) for r in nets}})
+    with lock_run(out, command_line(args) if args is not None else None):
+        if dist.is_main():
+            for folder in (out, out / "shards", out / "png"):
+                clean_temp(folder)
+        return _sample_locked(D, spec, seeds, out, shape, cls, dim, blocks, batch, png, config, output, identity,
+                              dev, progress, args)
+
+
+def _sample_locked(D, spec, seeds, out, shape, cls, dim, blocks, batch, png, config, output, identity, dev,
+                   progress, args) -> dict:
+    import tqdm
+
+    from ..sampling import generate
+
     check_resume(out, config, list(seeds))
     dist.barrier()
     if dist.is_main():
@@ -102,7 +125,8 @@ def sample_to_folder(spec: MethodSpec, seeds: Sequence[int], out, *,
         block = blocks[i]
         labels = labels_for(block, cls)
         path = shard_path(out, i)
-        if verify_shard(path, block, labels, shape):
+        sid = shard_identity(identity, block, labels, shape)
+        if verify_shard(path, block, labels, shape, identity=sid):
             if png and png_missing(out, block):
                 export_png(out, read_shard(path)["samples"], block)
             skipped += 1
@@ -116,7 +140,7 @@ def sample_to_folder(spec: MethodSpec, seeds: Sequence[int], out, *,
         samples = x.detach().cpu().to(torch.float32).numpy()
         if png:
             export_png(out, samples, block)
-        write_shard(path, samples, np.asarray(block, dtype=np.int64), labels)  # last: the shard commits the block
+        write_shard(path, samples, np.asarray(block, dtype=np.int64), labels, identity=sid)  # last: commits the block
         done += 1
         images += len(block)
         bar.update(len(block))
@@ -144,6 +168,10 @@ def _run(args) -> int:
         raise ValueError("no model: pass --net (a shipped name, a checkpoint folder, or module:function), "
                          "or set net in --config")
     seeds = parse_seeds(args.seeds)
+    check_positive(args.shard_size, "--shard-size", "seeds per shard")
+    if args.batch is not None:
+        check_positive(args.batch, "--batch", "images per sampler call")
+    check_out(args.out)
     shape = list(parse_floats(args.shape, None, "--shape")) if args.shape else None
     if shape is not None and any(v != int(v) or v < 1 for v in shape):
         raise ValueError(f"--shape must be positive integers separated by commas (e.g. 3,64,64), got {args.shape!r}")
@@ -152,7 +180,7 @@ def _run(args) -> int:
     try:
         s = sample_to_folder(spec, seeds, args.out, classes=args.classes, shard_size=args.shard_size,
                              batch=args.batch, png=args.png, shape=shape, device=args.device,
-                             progress=not args.no_progress, args=args)
+                             progress=not args.no_progress, trust_code=args.trust_code, args=args)
         if dist.is_main():
             rate = s["images"] / s["seconds"] if s["images"] and s["seconds"] > 0 else 0.0
             print(f"rank 0: {s['done']} shards sampled, {s['skipped']} already done, {s['images']} images in "

@@ -11,7 +11,8 @@ The grid is the product methods x intervals x p x w (p only for methods that use
 points are not seed noise) and is scored against one reference (`--ref` / `--ref-stats`, as in `metrics`).
 
 Outputs in `--out`: `results.jsonl` (one line per finished point, appended under a file lock, so an interrupted
-sweep resumes by skipping the points it holds), `results.json` (all points, sorted), `sweep.png` (each metric
+sweep resumes by skipping the points it holds; a point's key is a digest of its spec, the nets' checkpoint
+digests, the seeds, classes, feature space and reference, so a rerun with any of those changed recomputes), `results.json` (all points, sorted), `sweep.png` (each metric
 against w, a line per method / p / interval) and `run.json`. Points go round-robin to torchrun ranks.
 Test hook: `AUTOGUIDANCE_STOP_AFTER_POINTS=N` exits each process hard after its N-th point.
 """
@@ -28,16 +29,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..methods import METHODS, MethodSpec, build_method, label_dim, load_model, sample_shape
+from ..methods import METHODS, MethodSpec, build_method, label_dim, load_model, model_digest, sample_shape
 from ..metrics.evaluate import reference, score
 from ..metrics.extractors import check_weights, get_extractor
 from ..metrics.running import RunningStats
 from ..runs import dist
-from ..runs.files import atomic_path, write_json
-from ..runs.record import run_record
+from ..runs.files import atomic_path, clean_temp, write_json
+from ..runs.lock import lock_run
+from ..runs.record import check_out, command_line, identity_of, run_record
 from ..runs.seeds import format_seeds, labels_for, parse_classes, parse_seeds
 from .metrics import add_metric_arguments
-from .options import add_method_arguments, parse_floats, spec_from_args
+from .options import add_method_arguments, check_positive, parse_floats, spec_from_args
 
 __all__ = ["grid", "point_key", "read_results", "append_result", "run_sweep", "plot_sweep", "add_parser",
            "METRIC_NAMES"]
@@ -80,9 +82,18 @@ def grid(base: MethodSpec, methods: Sequence[str], ws: Sequence[float], ps: Sequ
     return specs
 
 
-def point_key(spec: MethodSpec) -> str:
-    """A grid point's identity: its full spec as canonical JSON."""
-    return spec.to_json()
+def point_key(spec: MethodSpec, context: Optional[str] = None) -> str:
+    """A grid point's identity: its full spec as canonical JSON, and (in a run) the digest `context` of all else
+    that decides its scores (nets, seeds, classes, feature space, reference): `run_context`."""
+    return spec.to_json() if context is None else f"{spec.to_json()}#{context}"
+
+
+def run_context(specs: Sequence[MethodSpec], seeds: Sequence[int], **settings) -> str:
+    """Digest of what decides a sweep's scores besides each point's spec: the nets' checkpoint digests, the
+    seeds and the given settings (space, reference, classes, ...)."""
+    nets = sorted({r for s in specs for r in (s.net, s.gnet, s.uncond) if r})
+    return identity_of({"nets": {r: model_digest(r) for r in nets}, "seeds": [int(s) for s in seeds],
+                        **settings})
 
 
 def read_results(path) -> dict[str, dict]:
@@ -176,25 +187,48 @@ def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: 
               ref: Optional[str] = None, ref_stats: Optional[str] = None, ref_n: int = 10000, ref_seed: int = 0,
               prdc: bool = True, classes: Optional[str] = "all", batch: int = 256, device: Optional[str] = None,
               inception_weights: Optional[str] = None, dinov2_weights: Optional[str] = None,
-              progress: bool = True, args=None) -> list[dict]:
-    """Score every spec on `seeds`, skipping points already in `out/results.jsonl`; returns all results (every
-    rank), and on rank 0 writes results.json, sweep.png and run.json."""
+              progress: bool = True, trust_code: bool = False, trust_pickle: bool = False, args=None) -> list[dict]:
+    """Score every spec on `seeds`, skipping points already in `out/results.jsonl` (same point key: same spec,
+    nets, seeds, classes, space and reference); returns all results (every rank), and on rank 0 writes
+    results.json, sweep.png and run.json. The folder is locked while the sweep runs."""
+    check_weights(space, inception_weights, dinov2_weights, trust_pickle=trust_pickle)
+    out = check_out(out)
+    check_positive(batch, "--batch", "images per sampler call")
+    with lock_run(out, command_line(args) if args is not None else None):
+        if dist.is_main():
+            clean_temp(out)
+        return _sweep_locked(specs, seeds, out, space=space, ref=ref, ref_stats=ref_stats, ref_n=ref_n,
+                             ref_seed=ref_seed, prdc=prdc, classes=classes, batch=batch, device=device,
+                             inception_weights=inception_weights, dinov2_weights=dinov2_weights,
+                             progress=progress, trust_code=trust_code, trust_pickle=trust_pickle, args=args)
+
+
+def _sweep_locked(specs, seeds, out, *, space, ref, ref_stats, ref_n, ref_seed, prdc, classes, batch, device,
+                  inception_weights, dinov2_weights, progress, trust_code, trust_pickle, args) -> list[dict]:
     import tqdm
 
-    check_weights(space, inception_weights, dinov2_weights)
-    out = Path(out)
     dev = dist.device(device)
     extractor = get_extractor(space, inception_weights=inception_weights, dinov2_weights=dinov2_weights,
-                              device=dev)
+                              trust_pickle=trust_pickle, device=dev)
     ref_st, ref_feats = reference(ref, extractor, ref_stats=ref_stats, ref_n=ref_n, ref_seed=ref_seed,
                                   keep_features=prdc)
     config = {"specs": [s.to_dict() for s in specs], "space": space, "ref": ref, "ref_stats": ref_stats,
               "prdc": prdc, "classes": classes}
+    context = run_context(specs, seeds, space=space, ref=ref, ref_stats=str(ref_stats) if ref_stats else None,
+                          ref_n=ref_n if ref and str(ref).startswith("toy:") else None,
+                          ref_seed=ref_seed if ref and str(ref).startswith("toy:") else None,
+                          ref_count=int(getattr(ref_st, "n", 0) or 0), classes=classes, prdc=prdc,
+                          weights=[str(inception_weights) if inception_weights else None,
+                                   str(dinov2_weights) if dinov2_weights else None])
+
+    def key(s):
+        return point_key(s, context)
+
     if dist.is_main():
         write_json(out / "run.json", run_record(config, seeds, args, status="running", num_points=len(specs)))
     jsonl = out / "results.jsonl"
     done = read_results(jsonl)
-    todo = [s for s in specs if point_key(s) not in done]
+    todo = [s for s in specs if key(s) not in done]
     dist.barrier()
     r, world = dist.rank(), dist.world_size()
     mine = todo[r::world]
@@ -202,14 +236,14 @@ def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: 
 
     def load(name):
         if name not in cache:
-            cache[name] = load_model(name, dev)
+            cache[name] = load_model(name, dev, trust_code=trust_code)
         return cache[name]
 
     stop_after = int(os.environ.get("AUTOGUIDANCE_STOP_AFTER_POINTS", "0") or 0)
     for n_done, spec in enumerate(tqdm.tqdm(mine, desc=f"sweep (rank 0 of {world})", unit="point",
                                             disable=not (progress and r == 0)), start=1):
         t0 = time.perf_counter()
-        D = build_method(spec, load=load, device=dev)
+        D = build_method(spec, load=load, device=dev, trust_code=trust_code)
         net = load(spec.net)
         shape, dim = sample_shape(net), label_dim(net)
         x, labels = _sample_point(D, list(seeds), shape, parse_classes(classes, dim), dim, spec, batch, dev)
@@ -219,7 +253,7 @@ def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: 
         correct, labelled = extractor.correct(feats, labels)
         if labelled:
             res["accuracy"] = correct / labelled
-        rec = {"key": point_key(spec), "label": spec.label(), "method": spec.method, "w": spec.w, "p": spec.p,
+        rec = {"key": key(spec), "label": spec.label(), "method": spec.method, "w": spec.w, "p": spec.p,
                "interval": list(spec.interval) if spec.interval else None, **res,
                "seconds": round(time.perf_counter() - t0, 3), "rank": r}
         append_result(jsonl, rec)
@@ -227,7 +261,7 @@ def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: 
             os._exit(3)
     dist.barrier()
     done = read_results(jsonl)
-    results = [done[point_key(s)] for s in specs if point_key(s) in done]
+    results = [done[key(s)] for s in specs if key(s) in done]
     if dist.is_main():
         write_json(out / "results.json", {"seeds": format_seeds(seeds), "space": space, "ref": ref or ref_stats,
                                           "results": results})
@@ -237,7 +271,7 @@ def run_sweep(specs: Sequence[MethodSpec], seeds: Sequence[int], out, *, space: 
 
 
 def _run(args) -> int:
-    check_weights(args.space, args.inception_weights, args.dinov2_weights)
+    check_weights(args.space, args.inception_weights, args.dinov2_weights, trust_pickle=args.trust_pickle)
     base = spec_from_args(args)
     if not base.net:
         raise ValueError("no model: pass --net or set net in --config")
@@ -246,12 +280,15 @@ def _run(args) -> int:
                  parse_floats(args.p_grid, None, "--p"),
                  parse_intervals(args.intervals))
     seeds = parse_seeds(args.seeds)
+    check_positive(args.batch, "--batch", "images per sampler call")
+    check_out(args.out)
     dist.init()
     try:
         results = run_sweep(specs, seeds, args.out, space=args.space, ref=args.ref, ref_stats=args.ref_stats,
                             ref_n=args.ref_n, ref_seed=args.ref_seed, prdc=not args.no_prdc, classes=args.classes,
                             batch=args.batch, device=args.device, inception_weights=args.inception_weights,
-                            dinov2_weights=args.dinov2_weights, progress=not args.no_progress, args=args)
+                            dinov2_weights=args.dinov2_weights, progress=not args.no_progress,
+                            trust_code=args.trust_code, trust_pickle=args.trust_pickle, args=args)
         if dist.is_main():
             for rec in results:
                 extra = "".join(f"  {m} {rec[m]:.4f}" for m in METRIC_NAMES[1:] if m in rec)

@@ -2,6 +2,7 @@
 reference statistics (built-in references, sample folders, or a saved statistics file), and the scores."""
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,6 +12,7 @@ import torch
 from ..runs import dist
 from ..runs.sources import Unit, collect_units, load_unit
 from .extractors import Extractor
+from .refstats import load_reference
 from .running import RunningStats
 
 __all__ = ["Accumulated", "accumulate", "builtin_reference", "reference", "score"]
@@ -81,7 +83,13 @@ def reference(ref: Optional[str], extractor: Extractor, *, ref_stats: Optional[s
     """Reference statistics (and features): loaded from `ref_stats` if that file exists, else computed from
     `ref` (then saved to `ref_stats` by rank 0 when a path is given)."""
     if ref_stats and Path(ref_stats).exists():
-        stats, feats, meta = RunningStats.load(ref_stats)
+        if not Path(ref_stats).is_file():
+            raise ValueError(f"--ref-stats {ref_stats} is not a file: give an NPZ of reference statistics")
+        try:
+            stats, feats, meta = load_reference(ref_stats, space=extractor.name)
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, ValueError) as e:
+            raise ValueError(f"--ref-stats {ref_stats} is not a readable statistics file ({type(e).__name__}: "
+                             f"{e}); delete it to recompute it from --ref") from e
         if meta.get("space") not in (None, extractor.name):
             raise ValueError(f"--ref-stats {ref_stats} holds '{meta.get('space')}' features, not "
                              f"'{extractor.name}': use the matching --space or another file")

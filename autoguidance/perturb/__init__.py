@@ -15,6 +15,7 @@ The perturbations (each strength a number or a `Schedule` of sigma, so p(sigma) 
     WeightNoise(std, where, params)  multiplicative Gaussian noise W (1 + std n) on chosen weights, per row
     IdentityAttention(scale, where)  self-attention map -> identity: the output is the values (perturbed-attention
                                      guidance, Ahn et al. 2024); scale blends A' = (1 - scale) A + scale I
+    SkipLayers(layers, blocks)       chosen blocks of a block list return their input (skip-layer guidance, SD3.5)
 
 Choosing where (`where=`):
     torch.nn.Dropout              every module of a type (or a tuple of types)
@@ -28,9 +29,11 @@ from .blocks import BlockDrop, register_skip_path
 from .dropout import Dropout
 from .input_noise import InputNoise
 from .sites import SiteError, Where, find_sites, list_sites, register_rule_provider
+from .skip_layer import SkipLayers, block_lists, register_block_inputs
 from .weight_noise import WeightNoise
 from ..rng import dropout_keep
 
 __all__ = ["Perturbation", "Hook", "Dropout", "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention",
            "find_sites", "list_sites", "register_skip_path", "register_identity_attention", "register_rule_provider",
-           "dropout_keep", "Where", "SiteError", "check_nonnegative", "check_rate"]
+           "dropout_keep", "Where", "SiteError", "check_nonnegative", "check_rate",
+           "SkipLayers", "block_lists", "register_block_inputs"]

@@ -2,6 +2,8 @@
 them on exit; `_RowSet` reads and writes the degraded rows of a batched call; strength checks and row selection."""
 from __future__ import annotations
 
+import contextvars
+import functools
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -11,6 +13,27 @@ import torch
 from ..schedules import Schedule, _finite
 
 __all__ = ["Perturbation", "Hook", "check_nonnegative", "check_rate"]
+
+#: the `Perturbation.active` blocks entered in this thread / context: a hook acts only on calls made inside the
+#: block that installed it, so another thread calling the same network meanwhile gets the plain network.
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("autoguidance_active_perturbations",
+                                                                   default=frozenset())
+
+
+def _owned(fn: Callable, token: object) -> Callable:
+    """`fn`, acting only when called in the context that holds `token` (elsewhere it returns None: no change)."""
+    @functools.wraps(fn)
+    def hook(*a):
+        if token not in _ACTIVE.get():
+            return None
+        return fn(*a)
+    return hook
+
+
+def _is_compiled(model) -> bool:
+    """True for a `torch.compile` wrapper (`torch._dynamo.eval_frame.OptimizedModule`)."""
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
 
 def _rows_like(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (out.ndim - 1))).to(out.dtype)
@@ -94,16 +117,23 @@ class Perturbation:
         if model is None and type(self)._hooks is not Perturbation._hooks:
             raise TypeError(f"{type(self).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
                             "the denoiser is a plain function")
+        if model is not None and _is_compiled(model):
+            raise TypeError(f"{type(self).__name__} cannot hook into a torch.compile'd network (the compiled graph "
+                            "ignores or keeps hooks depending on its call history): perturb the uncompiled "
+                            "network (net._orig_mod), or compile only the unperturbed net")
+        token = object()
         with ExitStack() as stack:
             for h in self._hooks(model, rows, keys, sigma):
                 h = h if isinstance(h, Hook) else Hook(*h)
                 if h.kind == "forward":
-                    handle = h.module.register_forward_hook(h.fn)
+                    handle = h.module.register_forward_hook(_owned(h.fn, token))
                 elif h.kind == "forward_kwargs":
-                    handle = h.module.register_forward_hook(h.fn, with_kwargs=True)
+                    handle = h.module.register_forward_hook(_owned(h.fn, token), with_kwargs=True)
                 else:
                     raise ValueError(f"unknown hook kind {h.kind!r}: expected 'forward' or 'forward_kwargs'")
                 stack.callback(handle.remove)
+            reset = _ACTIVE.set(_ACTIVE.get() | {token})
+            stack.callback(_ACTIVE.reset, reset)
             yield
 
 

@@ -10,6 +10,7 @@ from ..rng import hash_uniform, mix_keys
 from ..schedules import Schedule, as_schedule
 from .base import Hook, Perturbation, _RowSet, _take_rows, check_rate
 from .sites import RuleRegistry, Where, default_sites, find_sites
+from .skip_layer import _BLOCK_INPUTS
 
 __all__ = ["BlockDrop", "register_skip_path"]
 
@@ -84,6 +85,12 @@ class BlockDrop(Perturbation):
                                 "autoguidance.perturb.register_skip_path, or use path='input'")
 
             def hook(mod, args, kwargs, out, dropped=dropped, rule=rule, path=path):
+                if isinstance(out, tuple) and rule is None and _BLOCK_INPUTS.lookup(mod) is not None:
+                    # a tuple-returning block (MMDiT, Flux): the dropped rows pass their inputs through
+                    ins = _BLOCK_INPUTS.lookup(mod)(mod, args, kwargs)
+                    rs = _RowSet(dropped)
+                    return tuple(o if o is None or i is None else rs.put(o, rs.take(i).to(o.dtype))
+                                 for o, i in zip(out, ins))
                 if not isinstance(out, torch.Tensor) or out.shape[0] != n:
                     raise TypeError(f"block drop site {path!r} ({type(mod).__name__}) must return a tensor with "
                                     f"the batch ({n} rows) on axis 0; choose a residual block module")

@@ -1,30 +1,64 @@
-"""Atomic file output: a reader never sees a half-written file, and an interrupted write loses nothing."""
+"""Atomic file output: a reader never sees a half-written file, and an interrupted write loses nothing.
+
+A file is written in a private hidden folder beside it (`.tmp-XXXXXXXX/NAME`, so the name keeps its real suffix
+for writers that need it) and renamed into place. A data glob (`*.npz`, `*.png`) of the target folder never
+matches it, readers skip hidden entries, and `clean_temp` removes what a killed process left behind."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "current_umask", "write_json", "write_text"]
+__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text"]
+
+TEMP_PREFIX = ".tmp-"
 
 
 @contextmanager
 def atomic_path(path, suffix: str = ""):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed."""
+    """Yield a temporary path beside `path` (inside a hidden `.tmp-*` folder; the name is `path`'s name, or ends
+    with `suffix`); on success it replaces `path` in one rename, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
+    tmp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+    tmp = tmp_dir / (path.name if not suffix or path.name.endswith(suffix) else path.name + suffix)
+    tmp.touch(0o666 & ~current_umask())   # the permissions open() would give
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+#: the temporary names of older versions (`.NAME.XXXXXXXX.SUFFIX`, from mkstemp) and of this one (`.tmp-*`)
+_OLD_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$")
+
+
+def is_hidden(path) -> bool:
+    """True for names starting with '.': temporary files, locks; never data."""
+    return Path(path).name.startswith(".")
+
+
+def clean_temp(folder) -> int:
+    """Remove the temporary files and folders that killed writers left in `folder` (not recursive); returns how
+    many. Call it only while holding the folder's lock (`runs.lock`), before anything writes."""
+    folder = Path(folder)
+    n = 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.iterdir():
+        if p.name.startswith(TEMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+        elif _OLD_TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def current_umask() -> int:

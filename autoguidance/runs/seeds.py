@@ -5,7 +5,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["parse_seeds", "format_seeds", "parse_classes", "labels_for", "shard_blocks"]
+MAX_SEEDS = 10_000_000   # one run's seeds at most (one image each)
+
+__all__ = ["MAX_SEEDS", "parse_seeds", "format_seeds", "parse_classes", "labels_for", "shard_blocks"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -21,11 +23,16 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
+                if hi - lo + 1 + len(out) > MAX_SEEDS:
+                    raise OverflowError
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
     except ValueError:
         out = []
+    except OverflowError:
+        raise ValueError(f"--seeds {text!r} names more than {MAX_SEEDS:,} seeds (one image each): split the run "
+                         "into several --seeds ranges") from None
     if not out:
         raise ValueError(f"--seeds must be seeds or inclusive ranges separated by commas (e.g. 0-999 or 0,7,100-199), "
                          f"got {text!r}")

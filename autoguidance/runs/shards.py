@@ -1,13 +1,16 @@
 """The files a sampling run writes: NPZ shards of samples (deterministic bytes, verified on read) and PNGs.
 
     shards/shard-000000.npz   `samples [n, *shape]` float32, `seeds [n]` int64, `labels [n]` int64 (-1: none),
-                              `sha256` (of the three members' bytes); one block of consecutive seeds
+                              `sha256` (of the three members' bytes), `identity` (digest of everything that
+                              determined the samples: method, nets, sampler, seeds, classes, shape); one block
+                              of consecutive seeds
     png/000123.png            one image per seed (image-shaped samples only; [-1, 1] -> [0, 255])
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,7 +20,7 @@ import numpy as np
 
 from .files import atomic_path
 
-__all__ = ["ShardError", "shard_path", "write_shard", "read_shard", "verify_shard", "to_uint8", "write_png",
+__all__ = ["ShardError", "shard_path", "shard_identity", "read_identity", "write_shard", "read_shard", "verify_shard", "to_uint8", "write_png",
            "export_png", "png_missing"]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -34,6 +37,25 @@ def shard_path(out: Path, index: int) -> Path:
 
 
 
+def shard_identity(run_identity: str, seeds: Sequence[int], labels: np.ndarray, shape: Sequence[int]) -> str:
+    """The identity of one shard: sha256 over the run's identity, the shard's seeds, labels and sample shape."""
+    text = json.dumps({"run": run_identity, "seeds": [int(s) for s in seeds],
+                       "labels": [int(v) for v in np.asarray(labels).reshape(-1)], "shape": [int(v) for v in shape]},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_identity(path) -> str | None:
+    """The `identity` member of a shard (None: absent, as in shards of older versions, or unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "identity.npy" not in zf.namelist():
+                return None
+            return str(np.load(io.BytesIO(zf.read("identity.npy")), allow_pickle=False).reshape(-1)[0])
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error, ValueError, IndexError):
+        return None
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
@@ -48,18 +70,24 @@ def _zip_member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def write_shard(path, samples: np.ndarray, seeds: np.ndarray, labels: np.ndarray) -> Path:
+def write_shard(path, samples: np.ndarray, seeds: np.ndarray, labels: np.ndarray,
+                identity: str | None = None) -> Path:
     """Write an NPZ shard atomically and deterministically (same arrays -> same bytes): members `samples`,
-    `seeds`, `labels` and `sha256` (hex digest of the three members' .npy bytes, in that order)."""
+    `seeds`, `labels` and `sha256` (hex digest of the three members' .npy bytes, in that order), and `identity`
+    when given (`shard_identity`)."""
     blobs = {"samples": _npy_bytes(np.asarray(samples, dtype=np.float32)),
              "seeds": _npy_bytes(np.asarray(seeds, dtype=np.int64)),
              "labels": _npy_bytes(np.asarray(labels, dtype=np.int64))}
     digest = hashlib.sha256(b"".join(blobs[k] for k in _MEMBERS)).hexdigest()
     blobs["sha256"] = _npy_bytes(np.array(digest))
+    names = [*_MEMBERS, "sha256"]
+    if identity is not None:
+        blobs["identity"] = _npy_bytes(np.array(str(identity)))
+        names.append("identity")
     path = Path(path)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for name in (*_MEMBERS, "sha256"):
+            for name in names:
                 _zip_member(zf, f"{name}.npy", blobs[name])
     return path
 
@@ -88,11 +116,15 @@ def read_shard(path) -> dict[str, np.ndarray]:
     return {k: arrays[k] for k in _MEMBERS}
 
 
-def verify_shard(path, seeds: Sequence[int], labels: np.ndarray, shape: Sequence[int]) -> bool:
-    """True if `path` is a sound shard of exactly these seeds, labels and sample shape."""
+def verify_shard(path, seeds: Sequence[int], labels: np.ndarray, shape: Sequence[int],
+                 identity: str | None = None) -> bool:
+    """True if `path` is a sound shard of exactly these seeds, labels and sample shape (and, if `identity` is
+    given, made by a run of that identity: a shard without one, or with another, is not reused)."""
     try:
         d = read_shard(path)
     except ShardError:
+        return False
+    if identity is not None and read_identity(path) != identity:
         return False
     return (np.array_equal(d["seeds"], np.asarray(seeds, dtype=np.int64)) and np.array_equal(d["labels"], labels)
             and list(d["samples"].shape[1:]) == list(shape))

@@ -36,11 +36,12 @@ def collect_units(sources: Sequence[str]) -> list[Unit]:
         if not p.is_dir():
             raise FileNotFoundError(f"sample source {src}: not an .npz file nor a folder")
         folder = p / "shards" if (p / "shards").is_dir() else p
-        npz = sorted(folder.glob("*.npz"))
+        npz = sorted(f for f in folder.glob("*.npz") if not f.name.startswith("."))   # hidden: temporary
         if npz:
             units.extend(Unit("npz", (str(f),)) for f in npz)
             continue
-        pngs = sorted((p / "png").glob("*.png")) if (p / "png").is_dir() else sorted(p.glob("*.png"))
+        pngs = sorted(f for f in ((p / "png").glob("*.png") if (p / "png").is_dir() else p.glob("*.png"))
+                      if not f.name.startswith("."))
         if not pngs:
             raise FileNotFoundError(f"sample source {src} holds no shards/*.npz, *.npz or *.png files")
         units.extend(Unit("png", tuple(map(str, pngs[a:a + PNG_UNIT]))) for a in range(0, len(pngs), PNG_UNIT))
@@ -52,8 +53,11 @@ def collect_units(sources: Sequence[str]) -> list[Unit]:
 def _read_png(path: str) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "1") else im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("L") if im.mode in ("L", "I", "I;16", "1") else im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:   # PIL.UnidentifiedImageError is an OSError
+        raise ShardError(f"{path} is not a readable image ({e}): remove it or replace it with a PNG") from e
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
