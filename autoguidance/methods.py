@@ -79,6 +79,9 @@ _PERTURBATION_TABLE = {
     "inputnoise":        ("InputNoise", "k", False),
     "weightnoise":       ("WeightNoise", "std", True),
     "identityattention": ("IdentityAttention", "scale", True),
+    "seg":               ("SmoothedAttention", "s", True),
+    "tokenshuffle":      ("TokenShuffle", None, True),
+    "noisierlevel":      ("NoisierLevel", "k", False),
 }
 #: the perturbations this installation provides (those of the table present in autoguidance.perturb).
 PERTURBATIONS = {k: v for k, v in _PERTURBATION_TABLE.items() if hasattr(perturb, v[0])}
@@ -347,7 +350,7 @@ def make_perturbation(name: str, strength: Any, where: Optional[str] = None) -> 
     if name not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {name!r}: expected one of {', '.join(PERTURBATIONS)}")
     cls_name, key, takes_where = PERTURBATIONS[name]
-    kwargs = {key: strength}
+    kwargs = {key: strength} if key else {}   # tokenshuffle has no strength (--p is ignored)
     if where is not None:
         if not takes_where:
             raise ValueError(f"perturbation {name} changes the inputs only and takes no --where")

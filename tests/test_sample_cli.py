@@ -75,9 +75,9 @@ def test_config_file_and_flags(tmp_path):
 def test_every_perturbation_by_name_builds():
     from autoguidance.methods import PERTURBATIONS
     for name in PERTURBATIONS:
-        where = None if name in ("inputnoise", "identityattention") else "raw.trunk.fc*"
-        if name == "identityattention":
-            continue  # the toy MLP has no attention; covered by perturb's own tests
+        where = None if name in ("inputnoise", "noisierlevel") else "raw.trunk.fc*"
+        if name in ("identityattention", "seg", "tokenshuffle"):
+            continue  # attention and token perturbations: the toy MLP has neither; covered by their own tests
         D = build_method(MethodSpec(net="toy-denoiser-main", method="perturbation", perturbation=name, p=0.1,
                                     where=where, w=2.0))
         assert D(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)

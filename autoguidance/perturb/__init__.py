@@ -15,6 +15,9 @@ The perturbations (each strength a number or a `Schedule` of sigma, so p(sigma) 
     WeightNoise(std, where, params)  multiplicative Gaussian noise W (1 + std n) on chosen weights, per row
     IdentityAttention(scale, where)  self-attention map -> identity: the output is the values (perturbed-attention
                                      guidance, Ahn et al. 2024); scale blends A' = (1 - scale) A + scale I
+    SmoothedAttention(s, where)      queries blurred by a Gaussian of width s tokens (SEG, Hong 2024); inf: mean query
+    TokenShuffle(where)              output tokens of chosen blocks shuffled per row (TPG, 2025)
+    NoisierLevel(k)                  D(x; (1 + k) s): the net told a noisier level than its input (self-guidance)
     SkipLayers(layers, blocks)       chosen blocks of a block list return their input (skip-layer guidance, SD3.5)
 
 Choosing where (`where=`):
@@ -31,9 +34,13 @@ from .input_noise import InputNoise
 from .sites import SiteError, Where, find_sites, list_sites, register_rule_provider
 from .skip_layer import SkipLayers, block_lists, register_block_inputs
 from .weight_noise import WeightNoise
+from .seg import SmoothedAttention, register_smoothed_attention
+from .tokens import TokenShuffle
+from .self_guidance import NoisierLevel
 from ..rng import dropout_keep
 
 __all__ = ["Perturbation", "Hook", "Dropout", "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention",
            "find_sites", "list_sites", "register_skip_path", "register_identity_attention", "register_rule_provider",
            "dropout_keep", "Where", "SiteError", "check_nonnegative", "check_rate",
+           "SmoothedAttention", "register_smoothed_attention", "TokenShuffle", "NoisierLevel",
            "SkipLayers", "block_lists", "register_block_inputs"]

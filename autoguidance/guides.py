@@ -1,0 +1,155 @@
+"""Guides that wrap a denoiser rather than degrade rows of its forward call.
+
+    PreviousStepGuidance(net, w)     SG-prev (Li et al. 2024, arXiv 2412.05827): the bad prediction is the net's own
+                                     prediction at the previous (noisier) sampler level, stored per image; no extra
+                                     network pass. Stateful: `reset()` between sampling runs (a run that starts at
+                                     a higher sigma than an image's last call resets that image by itself).
+    SlidingWindow(net, window, stride)
+                                     SWG's guide (Kaiser, Adaloglou, Kollmann 2024, arXiv 2411.10257): the same net
+                                     on crops of `window` pixels, stitched, overlapping windows averaged; use it as
+                                     the guide net of `autoguidance(net, SlidingWindow(net, ...), w)`.
+
+`PreviousStepGuidance` is a denoiser wrapper, not a `Guided` pass: `Guided` evaluates every pass of one call on the
+same (x, sigma), while SG-prev's bad prediction comes from a different, earlier call, so it needs state across calls.
+Images are keyed by their seed (the sampler's noise context), so a sample does not depend on the batch it is in;
+outside a sampler, rows are keyed by their index.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import rng
+from .denoiser import as_sigma, check_x
+from .schedules import ScheduleLike, as_schedule
+
+__all__ = ["PreviousStepGuidance", "SlidingWindow", "window_starts"]
+
+
+def _row_seeds(n: int) -> torch.Tensor:
+    state = rng._STATE.get()
+    if state is not None and len(state.seeds) == n:
+        return state.seeds.to(torch.int64)
+    return torch.arange(n, dtype=torch.int64)
+
+
+class PreviousStepGuidance:
+    """`D = D(x; s) + (w(s) - 1) (D(x; s) - D_prev)`, `D_prev` the same image's most recent prediction at a level
+    `> s` (SG-prev). With Heun, a level is evaluated twice (the correction at t_next and the next step's first call):
+    both use the prediction of the last strictly noisier level. The first call of a run has no previous prediction
+    and is unguided. One network pass per call. State per image seed, in sorted tensors (vectorised look-up)."""
+
+    def __init__(self, net: Callable, w: ScheduleLike):
+        self.net = net
+        self.w = as_schedule(w)
+        self.stats = {"main": 0, "guided_rows": 0}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every stored prediction (call between sampling runs; a run starting above an image's last level
+        resets that image anyway)."""
+        self._seeds = None   # [M] sorted int64; per seed: last level and prediction, the one before (if any)
+        self._sig_last = self._d_last = self._sig_prev = self._d_prev = self._has_prev = None
+
+    def _slots(self, seeds: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """State indices of `seeds` (added if new) and a mask of the seeds seen before."""
+        if len(torch.unique(seeds)) != len(seeds):
+            raise ValueError("PreviousStepGuidance needs distinct image seeds per call (sample with seeds=...)")
+        if self._seeds is None:
+            order = torch.argsort(seeds)
+            self._seeds = seeds[order]
+            self._sig_last = torch.zeros(len(seeds), dtype=torch.float64)
+            self._sig_prev = torch.zeros(len(seeds), dtype=torch.float64)
+            self._d_last = torch.zeros((len(seeds), *D.shape[1:]), dtype=D.dtype, device=D.device)
+            self._d_prev = torch.zeros_like(self._d_last)
+            self._has_prev = torch.zeros(len(seeds), dtype=torch.bool)
+            return torch.argsort(order), torch.zeros(len(seeds), dtype=torch.bool)
+        pos = torch.searchsorted(self._seeds, seeds).clamp_max(len(self._seeds) - 1)
+        known = self._seeds[pos] == seeds
+        if not bool(known.all()):
+            add = seeds[~known]
+            k = len(add)
+            allk = torch.cat([self._seeds, add])
+            order = torch.argsort(allk)
+            self._seeds = allk[order]
+            self._sig_last = torch.cat([self._sig_last, torch.zeros(k, dtype=torch.float64)])[order]
+            self._sig_prev = torch.cat([self._sig_prev, torch.zeros(k, dtype=torch.float64)])[order]
+            self._d_last = torch.cat([self._d_last, torch.zeros((k, *D.shape[1:]), dtype=D.dtype)])[order]
+            self._d_prev = torch.cat([self._d_prev, torch.zeros((k, *D.shape[1:]), dtype=D.dtype)])[order]
+            self._has_prev = torch.cat([self._has_prev, torch.zeros(k, dtype=torch.bool)])[order]
+            pos = torch.searchsorted(self._seeds, seeds)
+        return pos, known
+
+    def __call__(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_x(x)
+        sigma = as_sigma(sigma, x)
+        D = self.net(x, sigma, labels)
+        self.stats["main"] += len(x)
+        j, known = self._slots(_row_seeds(len(x)), D)
+        s = sigma.to(torch.float64).cpu()
+        s_last = self._sig_last[j]
+        down = known & (s < s_last)                     # a new, cleaner level: the bad one is the last prediction
+        same = known & (s == s_last)                    # the same level again (Heun): the one before it
+        bad = torch.where(_rows(down, D), self._d_last[j], self._d_prev[j])
+        use = (down | (same & self._has_prev[j])) & (self.w(sigma).cpu() != 1)
+        # update the state: a cleaner level pushes last -> prev; a higher level (a new run) clears prev
+        self._d_prev[j[down]] = self._d_last[j[down]]
+        self._sig_prev[j[down]] = s_last[down]
+        self._has_prev[j] = torch.where(down, True, torch.where(same, self._has_prev[j], False))
+        self._d_last[j] = D.detach()
+        self._sig_last[j] = s
+        if not bool(use.any()):
+            return D
+        w = _rows(self.w(sigma).to(D.dtype), D)
+        self.stats["guided_rows"] += int(use.sum())
+        return torch.where(_rows(use, D), D + (w - 1) * (D - bad), D)
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of `window` covering `[0, size)` with step `stride` (the last one flush right)."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+class SlidingWindow(torch.nn.Module):
+    """The net with a restricted receptive field (SWG): `x [N, C, H, W]` is cut into `window x window` crops at
+    stride `stride`, the net denoises each crop (same sigma, labels), and the crops' predictions are stitched back,
+    each pixel the mean over the windows that cover it. One window covering the image is the exact pass.
+    The net must accept the crop size (a U-Net: a multiple of its downsampling factor)."""
+
+    def __init__(self, net: Callable, window: int | Sequence[int], stride: Optional[int | Sequence[int]] = None):
+        super().__init__()
+        self.net = net
+        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+        stride = stride if stride is not None else (max(1, wh // 2), max(1, ww // 2))
+        sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        if min(wh, ww, sh, sw) < 1:
+            raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
+        self.window, self.stride = (int(wh), int(ww)), (int(sh), int(sw))
+
+    def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"sliding-window guide needs images [N, C, H, W], got {list(x.shape)}")
+        sigma = as_sigma(sigma, x)
+        n, c, h, w = x.shape
+        wh, ww = min(self.window[0], h), min(self.window[1], w)
+        tops, lefts = window_starts(h, wh, self.stride[0]), window_starts(w, ww, self.stride[1])
+        crops = [(t, l) for t in tops for l in lefts]
+        batch = torch.cat([x[:, :, t:t + wh, l:l + ww] for t, l in crops])   # one call: [len(crops) * N, C, wh, ww]
+        lab = None if labels is None else labels.repeat(len(crops), *([1] * (labels.ndim - 1)))
+        pred = self.net(batch, sigma.repeat(len(crops)), lab)
+        acc = torch.zeros_like(x)
+        cnt = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)
+        for j, (t, l) in enumerate(crops):
+            acc[:, :, t:t + wh, l:l + ww] += pred[j * n:(j + 1) * n]
+            cnt[:, :, t:t + wh, l:l + ww] += 1
+        return acc / cnt
