@@ -11,13 +11,15 @@ from .checkpoint import load, save, shipped
 from .denoiser import Denoiser, EDMPrecond
 from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance, insitu, insitu_weight,
                        no_guidance, perturbation_guidance)
-from .perturb import BlockDrop, Dropout, IdentityAttention, InputNoise, WeightNoise, list_sites
-from .sampling import generate, sample_euler, sample_heun, sigmas_karras
+from .perturb import (BlockDrop, Dropout, IdentityAttention, InputNoise, NoisierLevel, SkipLayers, SmoothedAttention,
+                      TokenShuffle, WeightNoise, list_sites)
+from .sampling import generate, sample_dpmpp_2m, sample_euler, sample_flow_euler, sample_heun, sigmas_karras
 from .schedules import Constant, Interval, Ramp
 
 
 __all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide", "Pass", "autoguidance", "cfg",
            "cfg_autoguidance", "insitu", "insitu_weight", "no_guidance", "perturbation_guidance", "Dropout",
-           "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention", "list_sites", "generate", "sample_euler",
-           "sample_heun", "sigmas_karras", "Constant", "Interval", "Ramp",
+           "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention", "SkipLayers", "SmoothedAttention",
+           "TokenShuffle", "NoisierLevel", "list_sites", "generate", "sample_euler", "sample_heun", "sample_dpmpp_2m",
+           "sample_flow_euler", "sigmas_karras", "Constant", "Interval", "Ramp",
            "__version__"]
