@@ -1,6 +1,8 @@
 """Adapters that put other libraries' models behind the denoiser contract `D(x, sigma, labels) -> x0_hat`.
 
     from autoguidance.adapters.diffusers import DiffusersDenoiser, InSituGuidedUNet   # needs autoguidance[diffusers]
+    from autoguidance.adapters import guided_pipeline       # any method inside a diffusers pipeline's own loop
+    from autoguidance.adapters.guider import AutoguidanceGuider   # the same for modular pipelines (a diffusers guider)
 
 `DiffusersDenoiser` wraps U-Nets and transformers (DiT, SD3, Flux, PixArt / Sana, video DiTs) with a VP or a
 flow-matching scheduler; conditioning goes in as a mapping of the model's keyword arguments. k-diffusion's model
@@ -13,8 +15,11 @@ they are loaded the first time a perturbation meets a module of that library. Th
 """
 from ..perturb import register_rule_provider
 
-__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "flow_times"]
-_DIFFUSERS_NAMES = set(__all__)
+__all__ = ["DiffusersDenoiser", "InSituGuidedUNet", "flow_times", "guided_pipeline", "GuidedPipeline",
+           "AutoguidanceGuider"]
+_DIFFUSERS_NAMES = {"DiffusersDenoiser", "InSituGuidedUNet", "flow_times"}
+_PIPELINE_NAMES = {"guided_pipeline", "GuidedPipeline"}
+_GUIDER_NAMES = {"AutoguidanceGuider"}
 
 
 def _diffusers_rules() -> None:
@@ -30,4 +35,10 @@ def __getattr__(name: str):
     if name in _DIFFUSERS_NAMES:
         from . import diffusers
         return getattr(diffusers, name)
+    if name in _PIPELINE_NAMES:
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name in _GUIDER_NAMES:
+        from . import guider
+        return getattr(guider, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
