@@ -44,6 +44,8 @@ def render(out, data: ImageSet = DIGITS) -> list[str]:
 _DESCRIPTIONS = {
     "s": "EDM2-style S U-Net (142k params), conditional, digits 8x8",
     "xs": "EDM2-style XS U-Net (63k params), conditional, digits 8x8",
+    "mnist:s": "EDM2-style S U-Net (252k params), conditional, MNIST 14x14",
+    "mnist:xs": "EDM2-style XS U-Net (142k params), conditional, MNIST 14x14",
     "xs-uncond": "EDM2-style XS U-Net, unconditional (CFG guide at T, unconditional autoguide at T/16)",
     "s-dropout": "EDM2-style S U-Net trained with dropout 0.1 (in-situ guidance on a net that saw dropout)",
     "s-uncond": "EDM2-style S U-Net, unconditional (main of the unconditional rows)",
@@ -69,7 +71,8 @@ def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
         else:
             stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
             when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"
-            desc = (f"{_DESCRIPTIONS.get(stem, stem).replace('digits 8x8', what)}; snapshot {when} (iteration {meta.get('iteration')}), "
+            known = _DESCRIPTIONS.get(f"{data.prefix}:{stem}", _DESCRIPTIONS.get(stem, stem))
+            desc = (f"{known.replace('digits 8x8', what)}; snapshot {when} (iteration {meta.get('iteration')}), "
                     f"EMA std {meta.get('ema_std')}, {meta.get('train_seconds')} s of training")
         manifest["checkpoints"][f"{data.prefix}-{sub}"] = {
             "path": str(cfg_file.parent.resolve().relative_to(WEIGHTS_DIR.resolve())),
