@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import read_state_dict, state_mismatch
+
 __all__ = ["ViTConfig", "VITL14", "DINOv2", "preprocess", "load_dinov2", "check_dinov2_state", "OFFICIAL_FILE",
            "WHERE"]
 
@@ -182,12 +184,8 @@ def check_dinov2_state(state, path: str, config: Optional[ViTConfig] = VITL14, f
         config = ViTConfig.from_state(state)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in DINOv2(config).state_dict().items()}
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    bad = sorted(k for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
-    if missing or extra or bad:
-        what = (f"{len(missing)} keys missing (e.g. {missing[0]})" if missing else
-                f"{len(extra)} unexpected keys (e.g. {extra[0]})" if extra else
-                f"shape of {bad[0]} is {tuple(state[bad[0]].shape)}, not {want[bad[0]]}")
+    what = state_mismatch(state, want)
+    if what:
         raise ValueError(f"{flag} {path} is not DINOv2 ViT-L/14 ({what}): {fix}")
     return config
 
@@ -201,12 +199,7 @@ def load_dinov2(path: Union[str, Path], *, config: Optional[ViTConfig] = VITL14,
         raise FileNotFoundError(f"{flag} {path}: no such file. FD_DINOv2 needs {OFFICIAL_FILE} (no official "
                                 f"checksum published; checked by key set and shapes) from {WHERE}; autoguidance "
                                 "never downloads weights")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated archive, a pickle with objects, not a torch file at all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{flag} {path} cannot be read as a state dict ({first}): pass {OFFICIAL_FILE} "
-                         f"from {WHERE}") from e
+    state = read_state_dict(path, flag, f"pass {OFFICIAL_FILE} from {WHERE}")
     config = check_dinov2_state(state, str(path), config, flag)
     with torch.device("meta"):
         net = DINOv2(config)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import read_state_dict, state_mismatch
+
 __all__ = ["FIDInceptionV3", "preprocess", "resize_tf1", "load_fid_inception", "check_inception_state",
            "CONVENTIONS", "OFFICIAL_FILE", "OFFICIAL_SHA256_PREFIX", "WHERE", "sha256_file"]
 
@@ -218,12 +220,8 @@ def check_inception_state(state, path: str, flag: str = "--inception-weights") -
         raise ValueError(f"{flag} {path} is not a state dict of tensors: pass {OFFICIAL_FILE} from {WHERE}")
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     want = _expected_shapes()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    bad = sorted(k for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
-    if missing or extra or bad:
-        what = (f"{len(missing)} keys missing (e.g. {missing[0]})" if missing else
-                f"{len(extra)} unexpected keys (e.g. {extra[0]})" if extra else
-                f"shape of {bad[0]} is {tuple(state[bad[0]].shape)}, not {want[bad[0]]}")
+    what = state_mismatch(state, want)
+    if what:
         raise ValueError(f"{flag} {path} is not the FID Inception-v3 state dict ({what}): pass {OFFICIAL_FILE} "
                          f"from {WHERE}")
     return state
@@ -245,12 +243,7 @@ def load_fid_inception(path: Union[str, Path], *, official_only: bool = True, de
         if not digest.startswith(OFFICIAL_SHA256_PREFIX):
             raise ValueError(f"{flag} {path} is not {OFFICIAL_FILE}: its SHA-256 is {digest[:16]}..., the official "
                              f"file's begins {OFFICIAL_SHA256_PREFIX}; get it from {WHERE}")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated archive, a pickle with objects, not a torch file at all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{flag} {path} cannot be read as a state dict ({first}): pass {OFFICIAL_FILE} "
-                         f"from {WHERE}") from e
+    state = read_state_dict(path, flag, f"pass {OFFICIAL_FILE} from {WHERE}")
     net = FIDInceptionV3()
     net.load_state_dict(check_inception_state(state, str(path), flag), strict=False)
     return net.eval().requires_grad_(False).to(device)
