@@ -22,9 +22,9 @@ import torch
 
 from . import rng
 from .denoiser import as_sigma, check_x
-from .schedules import ScheduleLike, as_schedule
+from .schedules import Schedule, ScheduleLike, as_schedule
 
-__all__ = ["PreviousStepGuidance", "SlidingWindow", "window_starts"]
+__all__ = ["PreviousStepGuidance", "SlidingWindow", "window_starts", "Tabulated"]
 
 
 def _row_seeds(n: int) -> torch.Tensor:
@@ -153,3 +153,32 @@ class SlidingWindow(torch.nn.Module):
             acc[:, :, t:t + wh, l:l + ww] += pred[j * n:(j + 1) * n]
             cnt[:, :, t:t + wh, l:l + ww] += 1
         return acc / cnt
+
+
+class Tabulated(Schedule):
+    """`w(sigma)` interpolated linearly in log(sigma) between tabulated `(sigmas, values)` (held constant beyond
+    the ends): e.g. an MSE-optimal `w*(sigma)` measured at a few noise levels (`autoguidance calibrate`)."""
+
+    def __init__(self, sigmas: Sequence[float], values: Sequence[float]):
+        s = [float(v) for v in sigmas]
+        if len(s) != len(values) or len(s) < 1 or any(v <= 0 for v in s):
+            raise ValueError("Tabulated needs as many positive sigmas as values (at least one)")
+        order = sorted(range(len(s)), key=s.__getitem__)
+        self.sigmas = tuple(s[i] for i in order)
+        self.vals = tuple(float(values[i]) for i in order)
+
+    def __call__(self, sigma):
+        s = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-30).log()
+        xs = torch.tensor(self.sigmas, dtype=torch.float64).log()
+        ys = torch.tensor(self.vals, dtype=torch.float64)
+        if len(xs) == 1:
+            return torch.full_like(s, ys[0]).to(torch.float32)
+        j = torch.searchsorted(xs, s.clamp(xs[0], xs[-1]).contiguous()).clamp(1, len(xs) - 1)
+        t = ((s.clamp(xs[0], xs[-1]) - xs[j - 1]) / (xs[j] - xs[j - 1])).clamp(0, 1)
+        return (ys[j - 1] + t * (ys[j] - ys[j - 1])).to(torch.float32)
+
+    def values(self):
+        return list(self.vals)
+
+    def __repr__(self):
+        return f"Tabulated(sigmas={list(self.sigmas)}, values={list(self.vals)})"

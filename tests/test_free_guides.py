@@ -84,6 +84,22 @@ def test_seg_mha_limits_by_hand():
     assert all(torch.equal(v, before[k]) for k, v in _state(net).items()) and not net.attn._forward_hooks
 
 
+def test_seg_width_schedule_follows_sigma_per_row():
+    from autoguidance.schedules import Ramp
+
+    net, x = MHANet(), torch.randn(3, 6, 8)
+    rows = torch.tensor([True, True, False])
+    sigma = torch.tensor([10.0, 0.1, 10.0])                     # row 0: s = 4, row 1: s = 0 (exact), row 2: exact
+    sched = _call(net, SmoothedAttention(Ramp(4.0, 0.0, sigma_from=10.0, sigma_to=0.1)), x, rows, sigma=sigma)
+    fixed = _call(net, SmoothedAttention(4.0), x, rows, sigma=sigma)
+    with torch.no_grad():
+        exact = net(x)
+    assert torch.allclose(sched[0], fixed[0]) and not torch.allclose(sched[0], exact[0])
+    assert torch.equal(sched[1], exact[1]) and torch.equal(sched[2], exact[2])
+    with pytest.raises(ValueError):
+        SmoothedAttention(Ramp(-1.0, 0.0))
+
+
 def test_seg_edm2_attention_by_hand():
     from autoguidance.nets.edm2 import EDM2Attention
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .base import Hook, Perturbation, _RowSet
+from ..schedules import Schedule, as_schedule
+from .base import Hook, Perturbation, _RowSet, _strength_rows
 from .sites import RuleRegistry, Where, default_sites, find_sites
 
 __all__ = ["SmoothedAttention", "gaussian_blur_matrix", "blur_tokens", "register_smoothed_attention"]
@@ -102,6 +103,13 @@ def _mha_smoothed(m: torch.nn.MultiheadAttention, args, kwargs, blur):
     return out[0], 0 if m.batch_first else 1
 
 
+def _check_width(v, what="SEG blur width s"):
+    v = float(v)
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{what} must be >= 0 (inf: mean query), got {v!r}")
+    return v
+
+
 def _register_builtin():
     register_smoothed_attention(torch.nn.MultiheadAttention, _mha_smoothed)
     # EDM2Attention lives in nets/ (a floor above): recognised by its type name and call signature, not imported.
@@ -129,11 +137,14 @@ class SmoothedAttention(Perturbation):
     `Attention` is not supported yet (it needs a rule in the diffusers adapter). Default sites: every supported
     self-attention module."""
 
-    s: float = 10.0          # blur width in tokens (>= 0, inf allowed)
+    s: Union[float, Schedule] = 10.0   # blur width in tokens (>= 0, inf allowed), or a Schedule s(sigma)
     where: Where = None
     name = "smoothed attention"
 
     def __post_init__(self):
+        if isinstance(self.s, Schedule):
+            as_schedule(self.s, "SEG blur width s", _check_width)
+            return
         s = float(self.s)
         if math.isnan(s) or s < 0:
             raise ValueError(f"SEG blur width s must be >= 0 (inf: mean query), got {self.s!r}")
@@ -153,27 +164,34 @@ class SmoothedAttention(Perturbation):
 
     def _hooks(self, model, rows, keys, sigma):
         sites = self.sites(model)
-        idx = torch.nonzero(rows).flatten()
-        if len(idx) == 0 or self.s == 0:
+        if isinstance(self.s, Schedule):     # s(sigma): rows grouped by their width (one group when sigma is shared)
+            idx, widths = _strength_rows(self.s, rows, sigma)
+            groups = [(idx[widths == u], float(u)) for u in torch.unique(widths)]
+        else:
+            idx = torch.nonzero(rows).flatten()
+            groups = [(idx, self.s)] if self.s != 0 else []
+        groups = [(_RowSet(i), w) for i, w in groups if len(i) > 0]
+        if not groups:
             return []
-        degraded = _RowSet(idx)
-        s = self.s
         hooks = []
         for path, module in sites:
             rule = _seg_rule(module)
 
             def hook(mod, args, kwargs, out, rule=rule, path=path):
                 first = out if isinstance(out, torch.Tensor) else out[0]
+                new = None
+                for degraded, s in groups:
+                    def blur(q, axis, grid, s=s):
+                        return blur_tokens(q, s, axis, grid)
 
-                def blur(q, axis, grid):
-                    return blur_tokens(q, s, axis, grid)
-
-                new_out, axis = rule.smoothed(mod, args, kwargs, blur)
-                a, b = first.movedim(axis, 0), new_out.movedim(axis, 0)
-                if b.shape != a.shape:
-                    raise ValueError(f"smoothed attention at {path!r}: output {list(b.shape)} does not match "
-                                     f"{list(a.shape)}")
-                new = degraded.put(a, degraded.take(b).to(a.dtype)).movedim(0, axis)
+                    new_out, axis = rule.smoothed(mod, args, kwargs, blur)
+                    a, b = first.movedim(axis, 0), new_out.movedim(axis, 0)
+                    if b.shape != a.shape:
+                        raise ValueError(f"smoothed attention at {path!r}: output {list(b.shape)} does not match "
+                                         f"{list(a.shape)}")
+                    base = a if new is None else new
+                    new = degraded.put(base, degraded.take(b).to(a.dtype))
+                new = new.movedim(0, axis)
                 return new if isinstance(out, torch.Tensor) else (new, *out[1:])
 
             hooks.append(Hook(module, hook, "forward_kwargs"))
