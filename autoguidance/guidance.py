@@ -42,7 +42,8 @@ import torch
 from .denoiser import (as_sigma, broadcast_rows, cat_rows, check_labels, check_x, flow_call, t_to_sigma,
                        take_rows)
 from .perturb import Dropout, Perturbation, Where
-from .rng import current_keys
+from .perturb.prefix import PrefixMismatch, SharedPrefix
+from .rng import current_keys, current_state
 from .schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
 
 __all__ = ["Pass", "Guide", "Guided", "no_guidance", "cfg", "autoguidance", "insitu", "perturbation_guidance",
@@ -89,13 +90,17 @@ class Guided:
     forward calls made (`forward_calls`, one per `max_batch` chunk).
     """
 
-    def __init__(self, main: Union[Pass, Callable], guides: Sequence[Guide] = (), max_batch: Optional[int] = None):
+    def __init__(self, main: Union[Pass, Callable], guides: Sequence[Guide] = (), max_batch: Optional[int] = None,
+                 share_prefix: bool = False):
         self.main = main if isinstance(main, Pass) else Pass(main)
         self.guides = list(guides)
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, (int, float))
                                       or int(max_batch) != max_batch or max_batch < 1):
             raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.max_batch = max_batch
+        #: compute the part of the network before the first perturbed module once for the exact and the degraded
+        #: pass (`autoguidance.perturb.prefix`); equal to the unshared call up to batch-size rounding of kernels
+        self.share_prefix = bool(share_prefix)
         self.stats: Counter = Counter()
         self._callers: dict = {}
 
@@ -108,7 +113,7 @@ class Guided:
     # -- the combination -------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_x(x)
-        sigma = as_sigma(sigma, x)
+        sigma = _checked_sigma(sigma, x)
         labels = check_labels(labels, len(x))
         return self._guide(x, sigma, labels, None)
 
@@ -128,32 +133,153 @@ class Guided:
             if p.drop_labels and labels is None and (p.net is self.main.net or p.uncond_labels is not None):
                 raise ValueError("CFG got labels=None, so its guide pass would equal its main pass: pass the "
                                  "conditioning as labels (and uncond_labels= where 'no label' is not a zero row)")
-        all_rows = torch.arange(len(x), device=x.device)
-        ws = [g.w(sigma).to(x.dtype) for g in self.guides]
-        jobs = [(self.main, all_rows)]   # (pass, rows it is needed for)
-        active = []                      # guide index of each job after the main one
-        for i, (g, w) in enumerate(zip(self.guides, ws)):
+        n = len(x)
+        jobs = [(self.main, None)]       # (pass, rows it is needed for; None = every row)
+        active = []                      # (guide index, w - 1) of each job after the main one
+        for i, g in enumerate(self.guides):
+            c = g.w.constant()
+            if c is not None:            # the same w in every row: no schedule evaluation, no read-back
+                wm1 = _weight_minus_one(c, x.dtype)
+                if wm1 is not None:
+                    jobs.append((g.pass_, None))
+                    active.append((i, wm1))
+                continue
+            w = g.w(sigma).to(x.dtype)
             rows = torch.nonzero(w != 1).flatten()
             if len(rows):
                 jobs.append((g.pass_, rows))
-                active.append(i)
+                active.append((i, w))
+        if len(jobs) == 1 and self.main.perturbation is None and not self.main.drop_labels:
+            return self._unguided(x, sigma, labels, t)
         outs = self._evaluate(jobs, x, sigma, labels, t)
-        self.stats["main"] += len(x)
+        self.stats["main"] += n
         D_main = outs[0]
-        D = D_main.clone()
-        for i, (_, rows), out in zip(active, jobs[1:], outs[1:]):
-            self.stats[f"guide{i}"] += len(rows)
-            w = ws[i][rows].reshape(-1, *([1] * (x.ndim - 1)))
+        D = D_main
+        for (i, w), (_, rows), out in zip(active, jobs[1:], outs[1:]):
+            if rows is None:
+                self.stats[_GUIDE_KEYS[i] if i < len(_GUIDE_KEYS) else f"guide{i}"] += n
+                D = D + w * (D_main - out)
+                continue
+            self.stats[_GUIDE_KEYS[i] if i < len(_GUIDE_KEYS) else f"guide{i}"] += len(rows)
+            if D is D_main:
+                D = D_main.clone()
+            w = w[rows].reshape(-1, *([1] * (x.ndim - 1)))
             D[rows] += (w - 1) * (D_main[rows] - out)
-        return D
+        return D.clone() if D is D_main else D
+
+    def _unguided(self, x, sigma, labels, t) -> torch.Tensor:
+        """No guide is needed at this sigma: the main net alone, called as directly as the contract allows."""
+        self.stats["main"] += len(x)
+        net = self.main.net
+        if self.max_batch is None or self.max_batch >= len(x):
+            self.stats["forward_calls"] += 1
+            out = self._caller(net)(x, sigma, labels) if t is None else flow_call(net, x, t, labels)
+            return out.clone() if out is x else out          # a fresh tensor, as from the batched path
+        outs = self._evaluate([(self.main, None)], x, sigma, labels, t)
+        return outs[0]
 
     # -- evaluation of passes, batched per net -----------------------------------------------------------------
     def _evaluate(self, jobs, x, sigma, labels, t=None) -> list[torch.Tensor]:
-        keys = current_keys(len(x))
+        keys = current_keys(len(x)) if any(p.perturbation is not None for p, _ in jobs) else None
         results: list[Optional[torch.Tensor]] = [None] * len(jobs)
         for call in _plan_calls(jobs):
-            self._run_call(call, jobs, x, sigma, labels, keys, results, t)
+            if all(jobs[j][1] is None for j in call):
+                self._run_whole_call(call, jobs, x, sigma, labels, keys, results, t)
+            else:
+                rows_of = [(p, rows if rows is not None else torch.arange(len(x), device=x.device))
+                           for p, rows in jobs]
+                self._run_call(call, rows_of, x, sigma, labels, keys, results, t)
         return results  # type: ignore[return-value]
+
+    def _step(self, call_rows: int, pass_rows: int, passes: int, x: torch.Tensor) -> int:
+        """Rows per network call: `max_batch` if given, else the default policy (`split_passes`)."""
+        if self.max_batch is not None:
+            return int(self.max_batch)
+        return pass_rows if passes > 1 and split_passes(pass_rows, x) else call_rows
+
+    def _run_whole_call(self, call: list[int], jobs, x, sigma, labels, keys, results, t=None) -> None:
+        """`_run_call` when every pass of the call needs every row (constant weights): the inputs are the batch
+        repeated once per pass, no row is gathered or scattered, and the degraded rows are known without reading
+        anything back (one contiguous run per pass), so no host synchronisation is made."""
+        n = len(x)
+        m = len(call)
+        net = jobs[call[0]][0].net
+        pj = next((j for j in call if jobs[j][0].perturbation is not None), None)
+        pert = jobs[pj][0] if pj is not None else None
+        level = sigma if t is None else t
+        xc = x if m == 1 else torch.cat([x] * m)
+        sc = level if m == 1 else torch.cat([level] * m)
+        any_labels = labels is not None and any(not jobs[j][0].drop_labels or jobs[j][0].uncond_labels is not None
+                                                for j in call)
+        lc = None
+        if any_labels:
+            parts = [_pass_labels_all(jobs[j][0], labels, n) for j in call]
+            lc = parts[0] if m == 1 else cat_rows(parts)
+        kc = None
+        span = None
+        state = current_state()
+        keys_from_state = state is not None and len(state.seeds) == n      # keys = current_keys(n): mix(seed, call)
+        if pert is not None:
+            kc = keys if m == 1 else torch.cat([keys] * m)
+            pos = call.index(pj)
+            span = (pos * n, (pos + 1) * n)                 # the degraded rows of the call
+            p = pert.perturbation
+            if type(p).transform_inputs is not Perturbation.transform_inputs:
+                dc = torch.zeros(len(xc), dtype=torch.bool, device=x.device)
+                dc[span[0]:span[1]] = True
+                if t is None:
+                    xc, sc = p.transform_inputs(xc, sc, dc, kc)
+                else:
+                    xc, sc = _flow_transform(p, xc, sc, dc, kc)
+        total = n * m
+        share = (self.share_prefix and pert is not None and m == 2 and pj == call[1]
+                 and not any(jobs[j][0].drop_labels for j in call)
+                 and type(pert.perturbation).transform_inputs is Perturbation.transform_inputs
+                 and isinstance(pert.hook_target(), torch.nn.Module))
+        step = total if share and self.max_batch is None else max(1, self._step(total, n, m, x))
+        caller = self._caller(net) if t is None else (lambda x_, t_, l_: flow_call(net, x_, t_, l_))
+        outs = []
+        for a in range(0, total, step):
+            b = min(a + step, total)
+            whole = a == 0 and b == total
+            xa, sa = (xc, sc) if whole else (xc[a:b], sc[a:b])
+            lab = lc if whole or lc is None else take_rows(lc, slice(a, b))
+            self.stats["forward_calls"] += 1
+            lo, hi = (max(span[0], a), min(span[1], b)) if span is not None else (0, 0)
+            if hi > lo:
+                s_pert = sa if t is None else t_to_sigma(sa)
+                ka = kc if whole else kc[a:b]
+                if share and whole:
+                    outs.append(self._shared_call(pert, caller, xa, sa, lab, ka, s_pert, n))
+                    continue
+                # the degraded rows' keys are the sampler's own when they are every row, in order
+                from_state = hi - lo == n and keys_from_state
+                with pert.perturbation.active(pert.hook_target(), None, ka, s_pert,
+                                              span=(lo - a, hi - a, from_state)):
+                    outs.append(caller(xa, sa, lab))
+            else:
+                outs.append(caller(xa, sa, lab))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        for k, j in enumerate(call):
+            results[j] = out if m == 1 else out[k * n:(k + 1) * n]
+
+    def _shared_call(self, pert: Pass, caller, xa, sa, lab, ka, s_pert, n: int) -> torch.Tensor:
+        """One call `[x; x]` (exact rows, then degraded) with the prefix before the first perturbed module computed
+        once (`SharedPrefix`); where a prefix module's output cannot be duplicated, the call is redone unshared."""
+        target = pert.hook_target()
+        key = ("prefix", id(pert.perturbation), id(target), n)
+        try:
+            state = current_state()
+            act = pert.perturbation.active(target, None, ka, s_pert,
+                                           span=(n, 2 * n, state is not None and len(state.seeds) == n))
+            with act, SharedPrefix(target, act.modules, n, key) as sp:
+                out = caller(xa, sa, lab)
+            if sp.shared:
+                self.stats["shared_prefix_calls"] += 1
+            return out
+        except PrefixMismatch:
+            with pert.perturbation.active(target, None, ka, s_pert, span=(n, 2 * n)):
+                return caller(xa, sa, lab)
 
     def _caller(self, net: Callable) -> Callable:
         """How to call `net` with labels, decided once per net from its signature: positionally
@@ -174,11 +300,12 @@ class Guided:
             p, rows = jobs[j]
             xs.append(x[rows])
             ss.append(level[rows])
-            ks.append(keys[rows])
+            if keys is not None:
+                ks.append(keys[rows])
             degraded.append(torch.full((len(rows),), p.perturbation is not None, dtype=torch.bool, device=x.device))
             if any_labels:
                 ls.append(_pass_labels(p, labels, rows))
-        xc, sc, kc, dc = torch.cat(xs), torch.cat(ss), torch.cat(ks), torch.cat(degraded)
+        xc, sc, kc, dc = torch.cat(xs), torch.cat(ss), torch.cat(ks) if ks else None, torch.cat(degraded)
         lc = cat_rows(ls) if any_labels else None
         if pert is not None:
             if t is None:
@@ -186,7 +313,7 @@ class Guided:
             else:
                 xc, sc = _flow_transform(pert.perturbation, xc, sc, dc, kc)
         n = len(xc)
-        step = self.max_batch or n
+        step = max(1, self._step(n, len(x), len(call), x))
         outs = []
         caller = self._caller(net) if t is None else (lambda x_, t_, l_: flow_call(net, x_, t_, l_))
         for a in range(0, n, step):
@@ -205,6 +332,61 @@ class Guided:
             m = len(jobs[j][1])
             results[j] = out[start:start + m]
             start += m
+
+
+_GUIDE_KEYS = [f"guide{i}" for i in range(8)]
+
+
+def _weight_minus_one(c: float, dtype) -> Optional[float]:
+    """`w - 1` for a constant weight `c` exactly as the per-row path computes it (w cast to float32, then to the
+    batch's dtype, minus 1 in that dtype), as a Python number; None where that w is 1 (the guide is skipped)."""
+    key = (c, dtype)
+    if key not in _WM1:
+        w = torch.tensor(c, dtype=torch.float32).to(dtype)
+        if len(_WM1) > 256:
+            _WM1.clear()
+        _WM1[key] = None if bool(w == 1) else (w - 1).item()
+    return _WM1[key]
+
+
+_WM1: dict = {}
+
+
+def _checked_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """`as_sigma(sigma, x)`, without its checks (and their read-backs) for the sigma tensor a sampler declared in
+    its noise context: the sampler checked its noise levels (finite, > 0) once per run."""
+    state = current_state()
+    if state is not None and state.sigma is sigma and isinstance(sigma, torch.Tensor) \
+            and sigma.dtype in (torch.float32, torch.float64) and sigma.dtype == x.dtype \
+            and sigma.device == x.device and sigma.shape == (x.shape[0],):
+        return sigma
+    return as_sigma(sigma, x)
+
+
+#: input elements per pass (rows x elements of one row of x) from which a CPU runs the passes of one net as separate
+#: calls: measured (docs/benchmarks_cost.md), the digits U-Net's one call of 2N rows costs 1.8x / 1.95x / 2.1x its
+#: N-row call at 64 / 128 / 256 rows of 64 elements, two calls 2.0x; the toy MLP's (2 elements per row) one call
+#: 1.1x to 1.5x up to 512 rows, two calls 2.0x. Two calls also halve the activations held at once.
+CPU_SPLIT_ELEMENTS = 1 << 14
+
+
+def split_passes(pass_rows: int, x: torch.Tensor) -> bool:
+    """The default `max_batch` policy: run the passes of one net as separate calls of `pass_rows` rows each (True)
+    or as one batched call (False). One call on accelerators (a GPU is not saturated by the batches where per-call
+    overhead matters); on a CPU, separate calls from `CPU_SPLIT_ELEMENTS` input elements per pass on."""
+    return x.device.type == "cpu" and pass_rows * math.prod(x.shape[1:]) >= CPU_SPLIT_ELEMENTS
+
+
+def _pass_labels_all(p: Pass, labels, n: int):
+    """`_pass_labels` for every row: the labels as they are, or the pass's "no label" input."""
+    if not p.drop_labels:
+        return labels
+    if p.uncond_labels is not None:
+        return broadcast_rows(p.uncond_labels, labels, n)
+    if isinstance(labels, Mapping):
+        raise ValueError("labels is a mapping, where a zero row need not mean 'no label': pass the unconditional "
+                         "input explicitly, e.g. ag.cfg(net, w, uncond_labels={...empty-prompt embeddings...})")
+    return torch.zeros_like(labels)
 
 
 def _pass_labels(p: Pass, labels, rows: torch.Tensor):
@@ -311,21 +493,25 @@ def autoguidance(net: Callable, guide: Callable, w: ScheduleLike, *,
 
 def perturbation_guidance(net: Callable, w: ScheduleLike, perturbation: Perturbation, *,
                           module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
-                          max_batch: Optional[int] = None) -> Guided:
-    """Guide a net with itself under a perturbation; both passes share one batched forward call."""
+                          max_batch: Optional[int] = None, share_prefix: bool = False) -> Guided:
+    """Guide a net with itself under a perturbation; both passes share one batched forward call.
+    `share_prefix=True` computes the network up to the first perturbed module once for both passes
+    (`autoguidance.perturb.prefix`: worth it when the sites sit late in the network)."""
     if not isinstance(perturbation, Perturbation):
         raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got {type(perturbation).__name__}")
     return Guided(Pass(net), [Guide(Pass(net, perturbation=perturbation, module=module), _weight(w, interval))],
-                  max_batch)
+                  max_batch, share_prefix=share_prefix)
 
 
 def insitu(net: Callable, w: ScheduleLike, p: ScheduleLike = 0.1, *, where: Where = None, mode: str = "element",
            module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
-           max_batch: Optional[int] = None) -> Guided:
+           max_batch: Optional[int] = None, share_prefix: bool = False) -> Guided:
     """In-situ autoguidance (2025): guide = the same net with dropout `p` switched on at `where` (default: its
-    `torch.nn.Dropout` modules). The paper's `w'` is `w = w' + 1` (see `insitu_weight`)."""
+    `torch.nn.Dropout` modules). The paper's `w'` is `w = w' + 1` (see `insitu_weight`). With late sites
+    (e.g. the last blocks) and `share_prefix=True` the exact and the dropout pass share the network up to the
+    first site (docs/benchmarks_cost.md)."""
     return perturbation_guidance(net, w, Dropout(p, where, mode), module=module, interval=interval,
-                                 max_batch=max_batch)
+                                 max_batch=max_batch, share_prefix=share_prefix)
 
 
 def cfg_autoguidance(net: Callable, guide: Callable, w: float, a: float, *, uncond: Optional[Callable] = None,

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import contextvars
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["StackedGenerators", "as_seeds", "DropoutMasks", "dropout_keep", "dropout_scale", "hash_uniform",
-           "hash_normal", "mix_keys", "mix_keys_per_salt", "noise_context", "current_keys"]
+           "hash_normal", "mix_keys", "mix_keys_per_salt", "mix_keys_np", "mix_keys_per_salt_np", "dropout_factors",
+           "dropout_factors_np",
+           "noise_context", "current_keys", "current_state", "SamplingRun"]
 
 _M64 = (1 << 64) - 1
 
@@ -65,6 +66,59 @@ def mix_keys_per_salt(keys: torch.Tensor, salts: Sequence[int]) -> torch.Tensor:
     """`[S, N]`: row s is `mix_keys(keys, salts[s])`, in one vectorised pass (per-site keys of a perturbation)."""
     s = torch.tensor([_s64(int(v) * 0x632BE59BD9B4E019 + 1) for v in salts], dtype=torch.int64, device=keys.device)
     return _splitmix(keys.to(torch.int64)[None, :] ^ s[:, None])
+
+
+# -- the same key mixing in numpy uint64, for the small CPU key arrays of every denoiser call ----------------------
+# (int64 and uint64 share their bits: wrapping add / multiply and xor agree, and numpy's >> on uint64 is the logical
+# shift `_shr` emulates; so these are bit for bit `mix_keys` / `mix_keys_per_salt`, at a third of the per-op cost)
+
+_U = np.uint64
+
+
+def _splitmix_np(x: np.ndarray) -> np.ndarray:
+    x = x + _U(0x9E3779B97F4A7C15)
+    x ^= x >> _U(30)
+    x *= _U(0xBF58476D1CE4E5B9)
+    x ^= x >> _U(27)
+    x *= _U(0x94D049BB133111EB)
+    x ^= x >> _U(31)
+    return x
+
+
+def _salt_np(v: int) -> np.uint64:
+    return _U((int(v) * 0x632BE59BD9B4E019 + 1) & _M64)
+
+
+def mix_keys_np(keys: np.ndarray, *salts: int) -> np.ndarray:
+    """`mix_keys` on a numpy uint64 array (bit for bit)."""
+    k = keys
+    for v in salts:
+        k = _splitmix_np(k ^ _salt_np(v))
+    return k
+
+
+_SALTS: dict = {}
+
+
+def mix_keys_per_salt_np(keys: np.ndarray, salts: Sequence[int]) -> np.ndarray:
+    """`mix_keys_per_salt` on a numpy uint64 array: `[S, N]` (bit for bit)."""
+    salts = tuple(salts)
+    s = _SALTS.get(salts)
+    if s is None:
+        if len(_SALTS) > 256:
+            _SALTS.clear()
+        s = _SALTS[salts] = np.array([_salt_np(v) for v in salts], dtype=np.uint64)[:, None]
+    return _splitmix_np(keys[None, :] ^ s)
+
+
+def _as_u64(keys: torch.Tensor) -> np.ndarray:
+    """A CPU int64 key tensor's bits as numpy uint64 (no copy when it already is int64)."""
+    return keys.detach().to(torch.int64).numpy().view(np.uint64)
+
+
+def _low32(keys: np.ndarray) -> torch.Tensor:
+    """The low 32 bits of uint64 keys as an int32 tensor (the `seed_n` of `dropout_keep`)."""
+    return torch.from_numpy(keys.astype(np.uint32).view(np.int32))
 
 
 def hash_uniform(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -107,17 +161,82 @@ def _dropout_uniforms16(keys: torch.Tensor, numel: int) -> torch.Tensor:
     if half >= (1 << 31):
         raise ValueError(f"a dropout site with {numel} elements per row is too large for 32-bit counters")
     seeds = ((keys.to(torch.int64) + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
-    x = torch.bitwise_xor(_counters(half, keys.device)[None, :], seeds.to(torch.int32)[:, None])
     u = torch.empty((len(keys), 2 * half), dtype=torch.int32, device=keys.device)
-    t = u[:, :half]                                   # scratch space, overwritten by the high halves below
+    return _uniforms16_into(seeds.to(torch.int32), half, u)
+
+
+def _uniforms16_into(seeds32: torch.Tensor, half: int, u: torch.Tensor) -> torch.Tensor:
+    """The hash of `_dropout_uniforms16` for int32 seeds `[...]` (the low 32 bits of the keys), written into `u`
+    `[..., 2 * half]` (any strides): high halves first, then low halves."""
+    c = _counters(half, seeds32.device)
+    x = torch.bitwise_xor(c.view(*([1] * seeds32.ndim), half), seeds32[..., None])
+    t = u[..., :half]                                 # scratch space, overwritten by the high halves below
     for shift, mul in _LOWBIAS32:   # x ^= x >>> shift; x *= mul (>> is arithmetic: mask off the sign copies)
         torch.bitwise_right_shift(x, shift, out=t)
         x.bitwise_xor_(t.bitwise_and_((1 << (32 - shift)) - 1))
         if mul is not None:
             x.mul_(mul)
-    torch.bitwise_right_shift(x, 16, out=u[:, :half]).bitwise_and_(0xFFFF)   # high halves
-    torch.bitwise_and(x, 0xFFFF, out=u[:, half:])                             # low halves
+    torch.bitwise_right_shift(x, 16, out=u[..., :half]).bitwise_and_(0xFFFF)   # high halves
+    torch.bitwise_and(x, 0xFFFF, out=u[..., half:])                             # low halves
     return u
+
+
+_ONE_BITS = 0x3F800000                                   # the bit pattern of float32 1.0
+_COUNTERS_NP: dict = {}                                  # half -> j * 0x9E3779B9 as uint32 [half]
+
+
+def dropout_factors_np(seeds: np.ndarray, numel: int, thr_m1: int, inv_bits: int, pad: int = 0) -> torch.Tensor:
+    """`dropout_factors` on the CPU for one p for every row (`thr_m1`, `inv_bits` Python ints), from uint32 seeds
+    `[S, K]`, in numpy: the same 32-bit hash bit for bit (uint32 wraps as int32 does; numpy shifts uint32
+    logically, so no masking), at a fraction of torch's per-op cost on the small arrays of a small net's sites."""
+    half = (numel + 1) // 2
+    if half >= (1 << 31):
+        raise ValueError(f"a dropout site with {numel} elements per row is too large for 32-bit counters")
+    c = _COUNTERS_NP.get(half)
+    if c is None:
+        if len(_COUNTERS_NP) > 256:
+            _COUNTERS_NP.clear()
+        c = _COUNTERS_NP[half] = (np.arange(half, dtype=np.uint64) * np.uint64(0x9E3779B9)).astype(np.uint32)
+    S, K = seeds.shape
+    x = np.bitwise_xor(seeds[:, :, None], c)
+    t = np.empty_like(x)
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+        np.right_shift(x, np.uint32(shift), out=t)
+        x ^= t
+        if mul is not None:
+            x *= np.uint32(mul)
+    u = np.empty((S, pad + K, 2 * half), dtype=np.uint32)
+    if pad:
+        u[:, :pad] = _ONE_BITS
+    d = u[:, pad:]
+    np.right_shift(x, np.uint32(16), out=d[..., :half])                    # high halves
+    np.bitwise_and(x, np.uint32(0xFFFF), out=d[..., half:])                # low halves
+    di = d.view(np.int32)
+    np.subtract(np.int32(thr_m1), di, out=di)                              # < 0 exactly where u >= thr (keep)
+    np.right_shift(di, np.int32(31), out=di)                               # arithmetic: all ones (keep) or 0
+    np.bitwise_and(di, np.int32(inv_bits), out=di)                         # the multiplier's bits
+    f = torch.from_numpy(u.view(np.float32))
+    return f if 2 * half == numel else f[..., :numel]
+
+
+def dropout_factors(seeds32: torch.Tensor, numel: int, thr_m1: torch.Tensor, inv_bits: torch.Tensor,
+                    pad: int = 0) -> torch.Tensor:
+    """Dropout multipliers of many sites of one size at once: float32 `[S, pad + K, numel]` for int32 seeds `[S, K]`
+    (site s, degraded row k: the low 32 bits of its key), equal to `DropoutMasks.scale` row by row; rows
+    `[:pad]` are exactly 1.0 (the exact rows of a batched call, so one product writes a whole site).
+    `thr_m1`, `inv_bits`: `ceil(p 2^16) - 1` and the bits of `1 / (1 - p)`, int32, broadcast over `[K, 1]`."""
+    half = (numel + 1) // 2
+    if half >= (1 << 31):
+        raise ValueError(f"a dropout site with {numel} elements per row is too large for 32-bit counters")
+    S, K = seeds32.shape
+    u = torch.empty((S, pad + K, 2 * half), dtype=torch.int32, device=seeds32.device)
+    if pad:
+        u[:, :pad].fill_(_ONE_BITS)
+    d = _uniforms16_into(seeds32, half, u[:, pad:] if pad else u)
+    torch.sub(thr_m1, d, out=d)                          # < 0 exactly where u >= thr (keep)
+    d.bitwise_right_shift_(31).bitwise_and_(inv_bits)    # all ones (keep) or 0, then the multiplier's bits
+    f = u.view(torch.float32)
+    return f if 2 * half == numel else f[..., :numel]
 
 
 class DropoutMasks:
@@ -125,7 +244,9 @@ class DropoutMasks:
     every site: `scale(keys, shape)` is `dropout_scale(keys, shape, p)`."""
 
     def __init__(self, p: torch.Tensor):
-        p32 = p.detach().cpu().to(torch.float32)
+        p32 = torch.as_tensor(p).detach().cpu().to(torch.float32)
+        self._same = p32.ndim == 0                    # one p for every row: [1, 1] parameters, broadcast
+        p32 = p32.reshape(-1)
         thr = (p32.to(torch.float64) * (1 << 16)).ceil().to(torch.int32)       # drop where u < ceil(p 2^16)
         inv = 1.0 / (1.0 - p32)                                                # float32, as torch's dropout scales
         self._cpu = ((thr - 1)[:, None], inv.view(torch.int32)[:, None])
@@ -136,6 +257,8 @@ class DropoutMasks:
         if key not in self._on:
             self._on[key] = tuple(t.to(device) for t in self._cpu)
         thr_m1, inv_bits = self._on[key]
+        if self._same:
+            return thr_m1, inv_bits
         return thr_m1[rows], inv_bits[rows]
 
     def thresholds(self, device) -> torch.Tensor:
@@ -204,23 +327,70 @@ class StackedGenerators:
         return self.randn(x.shape[1:], dtype=x.dtype)
 
 
-@dataclass(frozen=True)
+class SamplingRun:
+    """One sampling run (a sampler call): a scratch `cache` for what does not change from one denoiser call to the
+    next within it (a perturbation's sites, its sites' output shapes), dropped with the run."""
+
+    __slots__ = ("cache", "__weakref__")
+
+    def __init__(self):
+        self.cache: dict = {}
+
+
 class _NoiseState:
-    seeds: torch.Tensor  # [N] int64 image seeds of the rows of the current denoiser call
-    call: int            # index of the denoiser evaluation within the sampling run
+    """What a sampler declares for one denoiser call (read-only by convention)."""
+
+    __slots__ = ("seeds", "call", "run", "sigma", "_u64")
+
+    def __init__(self, seeds: torch.Tensor, call: int, run: Optional[SamplingRun] = None, sigma: Any = None):
+        self.seeds = seeds      # [N] int64 image seeds of the rows of the current denoiser call
+        self.call = call        # index of the denoiser evaluation within the sampling run
+        self.run = run          # the sampling run, when a sampler declares it
+        self.sigma = sigma      # the [N] sigma tensor the sampler passes, checked by the sampler
+        self._u64 = None
+
+    @property
+    def seeds_u64(self) -> Optional[np.ndarray]:
+        """The seeds as numpy uint64 (CPU seeds only; None otherwise), for key mixing in numpy."""
+        if self._u64 is None and self.seeds.device.type == "cpu":
+            run = self.run
+            hit = run.cache.get("seeds_u64") if run is not None else None
+            if hit is not None and hit[0] is self.seeds:
+                self._u64 = hit[1]
+            else:
+                self._u64 = _as_u64(self.seeds)
+                if run is not None:
+                    run.cache["seeds_u64"] = (self.seeds, self._u64)
+        return self._u64
 
 
 _STATE: contextvars.ContextVar[Optional[_NoiseState]] = contextvars.ContextVar("autoguidance_noise", default=None)
 
 
-@contextmanager
-def noise_context(seeds: torch.Tensor, call: int):
-    """Declare, for denoiser calls inside the block, the image seed of each row and the call index."""
-    token = _STATE.set(_NoiseState(as_seeds(seeds), int(call)))
-    try:
-        yield
-    finally:
-        _STATE.reset(token)
+class noise_context:
+    """Declare, for denoiser calls inside the block, the image seed of each row and the call index. A sampler may
+    also declare its run (`SamplingRun`: caches that live for the run) and the sigma tensor it passes (which it
+    has checked: finite and > 0). Use as `with noise_context(seeds, call): ...`."""
+
+    __slots__ = ("state", "token")
+
+    def __init__(self, seeds: torch.Tensor, call: int, run: Optional[SamplingRun] = None, sigma=None):
+        if not (type(seeds) is torch.Tensor and seeds.dtype == torch.int64 and seeds.ndim == 1):
+            seeds = as_seeds(seeds)
+        self.state = _NoiseState(seeds, int(call), run, sigma)
+        self.token = None
+
+    def __enter__(self) -> None:
+        self.token = _STATE.set(self.state)
+
+    def __exit__(self, *exc) -> bool:
+        _STATE.reset(self.token)
+        return False
+
+
+def current_state() -> Optional[_NoiseState]:
+    """The noise context of the current denoiser call (None outside a sampler)."""
+    return _STATE.get()
 
 
 def current_keys(n: int) -> torch.Tensor:
@@ -228,5 +398,7 @@ def current_keys(n: int) -> torch.Tensor:
     Without a matching context (no sampler, or a batch of another size), the row index stands for the seed."""
     state = _STATE.get()
     if state is not None and len(state.seeds) == n:
+        if state.seeds_u64 is not None:
+            return torch.from_numpy(mix_keys_np(state.seeds_u64, state.call).view(np.int64))
         return mix_keys(state.seeds, state.call)
     return mix_keys(torch.arange(n, dtype=torch.int64), -1)

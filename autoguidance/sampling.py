@@ -31,7 +31,7 @@ import torch
 import tqdm
 
 from .denoiser import take_rows
-from .rng import StackedGenerators, as_seeds, noise_context
+from .rng import SamplingRun, StackedGenerators, as_seeds, noise_context
 
 __all__ = ["sigmas_karras", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler", "generate",
            "SAMPLERS"]
@@ -107,16 +107,19 @@ def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, 
     gens = StackedGenerators(seeds, x.device) if S_churn > 0 else None
     num_steps = len(sigmas) - 1
     call = 0
+    run = SamplingRun()                                     # caches of the guided denoiser that live for this run
+    levels = sigmas.tolist()                                # one read of the noise levels, not two per step
 
     def denoise(x_, s_):
         nonlocal call
-        with noise_context(seeds, call):
-            out = D(x_, torch.full((n,), s_, dtype=x_.dtype, device=x_.device), labels)
+        sig = torch.full((n,), s_, dtype=x_.dtype, device=x_.device)
+        with noise_context(seeds, call, run, sig):          # sig is checked: sigmas are, and t_hat >= t_cur > 0
+            out = D(x_, sig, labels)
         call += 1
         return out
 
     for i in _bar(num_steps, progress, desc):
-        t_cur, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        t_cur, t_next = levels[i], levels[i + 1]
         gamma = _churn(t_cur, S_churn, S_min, S_max, num_steps) if gens is not None else 0.0
         t_hat = t_cur * (1 + gamma)
         if gens is not None:  # x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps; eps is drawn on every step, as
@@ -163,10 +166,12 @@ def sample_dpmpp_2m(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, label
     n = len(x)
     seeds = _seeds_for(seeds, n)
     old = None
+    run = SamplingRun()
     for i in _bar(len(sigmas) - 1, progress, desc):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
-        with noise_context(seeds, i):
-            denoised = D(x, torch.full((n,), float(s_cur), dtype=x.dtype, device=x.device), labels)
+        sig = torch.full((n,), float(s_cur), dtype=x.dtype, device=x.device)
+        with noise_context(seeds, i, run, sig):
+            denoised = D(x, sig, labels)
         if float(s_next) == 0:
             x_next = denoised                       # h = inf: the step lands on the x0 prediction
         else:
@@ -203,9 +208,10 @@ def sample_flow_euler(D: Callable, x: torch.Tensor, ts: torch.Tensor, *, labels=
     n = len(x)
     seeds = _seeds_for(seeds, n)
     x = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    run = SamplingRun()
     for i in _bar(len(ts) - 1, progress, desc):
         t_cur, t_next = ts[i], ts[i + 1]
-        with noise_context(seeds, i):
+        with noise_context(seeds, i, run):
             x0 = flow_call(D, x, torch.full((n,), float(t_cur), dtype=x.dtype, device=x.device), labels)
         v = (x - x0) / t_cur.to(x.dtype)
         x_next = x + (t_next - t_cur).to(x.dtype) * v

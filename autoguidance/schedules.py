@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -60,6 +60,11 @@ class Schedule:
         """Every value the schedule can take (for validation)."""
         raise NotImplementedError
 
+    def constant(self) -> Optional[float]:
+        """The schedule's value if it is the same at every sigma (then `__call__` is `value` cast to float32 in
+        every row), else None. Lets guidance skip evaluating it, and reading it back, on every denoiser call."""
+        return None
+
 
 @dataclass(frozen=True)
 class Constant(Schedule):
@@ -70,6 +75,9 @@ class Constant(Schedule):
 
     def values(self):
         return [self.value]
+
+    def constant(self) -> Optional[float]:
+        return float(self.value)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ samples, for CI; the tables and figures are made by `digits_report.py`):
     autoguidance digits schedules      constant w vs a sigma interval vs a ramp, for CFG, autoguidance, in-situ
     autoguidance digits guides         autoguidance by XS guides from T/32 to T of one run: how bad should it be?
     autoguidance digits floor          real training images through the same metrics: the floor of FD_digits
+    autoguidance digits late           in-situ dropout at late blocks only (last, last 4, decoder) vs every block
     autoguidance digits features       train the feature network of the metrics
     autoguidance digits manifest       add the digits checkpoints to weights/manifest.json
 """
@@ -55,7 +56,7 @@ from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, pl
     training_costs
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
-           "run_guides", "run_floor", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
+           "run_guides", "run_floor", "run_late", "late_sites", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
            "NOTES"]
 
 DIGITS_WEIGHTS = DIGITS.weights
@@ -332,6 +333,49 @@ def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
     return rows
 
 
+#: where the late-site in-situ guides put their dropout, as a slice of the net's dropout sites in forward order
+LATE_SITES = {"all": "every block (default sites)", "decoder": "decoder blocks only", "last4": "last 4 blocks",
+              "last1": "last block"}
+#: the weights swept by the late-site study: the table's, and two above it (a weaker degradation may want more w)
+LATE_EXTRA_WS = (4.0, 6.0)
+
+
+def late_sites(net: torch.nn.Module, which: str) -> list[str]:
+    """The dropout sites (module paths, forward order) of `net` for a late-site variant of `LATE_SITES`."""
+    paths = [n for n, m in net.named_modules() if n and isinstance(m, torch.nn.Dropout)]
+    if which == "all":
+        return paths
+    if which == "decoder":
+        return [q for q in paths if ".dec." in f".{q}"]
+    if which.startswith("last"):
+        return paths[-int(which[4:]):]
+    raise ValueError(f"unknown late-site variant {which!r}; known: {', '.join(LATE_SITES)}")
+
+
+def _b_insitu_sites(L, p):
+    net = L.net(p["main"])
+    return insitu(net, _w(p), p.get("p", 0.1), where=late_sites(net, p["sites"]))
+
+
+def run_late(lab: Lab) -> list[Row]:
+    """Is a guide that perturbs only the late blocks as good as all-block dropout? In-situ dropout p = 0.1 at every
+    block, at the decoder blocks, at the last 4 and at the last block, on the main trained without dropout and on
+    the one trained with it; each at its best w (the table's grid plus 4 and 6) on the tuning set."""
+    W = _ws(lab) + [w for w in LATE_EXTRA_WS if w not in _ws(lab)]
+    rows: list[Row] = []
+    for prefix, group in (("s-T", "main without dropout"), ("s-dropout-T", "main trained with dropout")):
+        main, _ = choose_main(lab, prefix)
+        rows.append(Row(f"none:{prefix}", f"S ({group}), no guidance",
+                        lab.heldout(f"none:{prefix}", _b_none, {"main": main}), "", group, lab_key=f"none:{prefix}"))
+        for which, label in LATE_SITES.items():
+            key = f"late:{prefix}:{which}"
+            n_sites = len(late_sites(lab.net(main), which))
+            rows.append(Row(key, f"in-situ dropout 0.1 at {label} ({n_sites} site{'s' if n_sites != 1 else ''})",
+                            lab.tune(key, _b_insitu_sites, lab.grid(main=[main], sites=[which], p=[0.1], w=W)),
+                            "", group, lab_key=f"none:{prefix}"))
+    return rows
+
+
 def run_degradations(lab: Lab) -> list[Row]:
     """Karras et al. 2024, Sec. 5.1: degrade the dropout-free main synthetically; guide the less degraded copy by
     the more degraded one. Matched pairs should undo the damage, mismatched pairs should not."""
@@ -495,6 +539,7 @@ EXPERIMENTS = {
     "schedules": ("digits_schedules", "Schedules of w(sigma): constant vs interval vs ramp", run_schedules),
     "guides": ("digits_guides", "How bad should the guide be? XS guides along one training run", run_guides),
     "floor": ("digits_floor", "The floor: real digits through the same metrics", run_floor),
+    "late": ("digits_late", "Late-site in-situ guides: dropout at the last blocks only vs every block", run_late),
 }
 
 
@@ -514,6 +559,10 @@ NOTES = {
              "autoguidance settings; the last three rows repeat the models at N = {n_train} per seed set (seeds "
              "s * 10^6 + [0, {n_train}), extending the N = 300 sets). dFD of the model rows is against the unguided "
              "main of their group.",
+    "late": "In-situ dropout p = 0.1 at a subset of the main's dropout sites (forward order; 'last block' is the "
+            "decoder's last block), each at its best w on the tuning set (the table's grid plus w = 4 and 6). A "
+            "late-site guide shares the exact pass up to its first site (prefix sharing), so it costs less: "
+            "docs/benchmarks_cost.md. dFD is against the unguided main of the group.",
 }
 
 

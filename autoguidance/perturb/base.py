@@ -3,13 +3,12 @@ them on exit; `_RowSet` reads and writes the degraded rows of a batched call; st
 from __future__ import annotations
 
 import contextvars
-import functools
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from ..rng import current_state
 from ..schedules import Schedule, _finite
 
 __all__ = ["Perturbation", "Hook", "check_nonnegative", "check_rate"]
@@ -22,12 +21,22 @@ _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("autoguidanc
 
 def _owned(fn: Callable, token: object) -> Callable:
     """`fn`, acting only when called in the context that holds `token` (elsewhere it returns None: no change)."""
-    @functools.wraps(fn)
+    get = _ACTIVE.get
+
     def hook(*a):
-        if token not in _ACTIVE.get():
+        if token not in get():
             return None
         return fn(*a)
+    hook.__wrapped__ = fn
     return hook
+
+
+def run_cache() -> Optional[dict]:
+    """The cache of the current sampling run (`rng.SamplingRun`), or None outside a sampler: what does not change
+    between the denoiser calls of one run (a perturbation's sites in a model, their output shapes) is kept here,
+    so it is found once per run and never outlives it."""
+    state = current_state()
+    return state.run.cache if state is not None and state.run is not None else None
 
 
 def _is_compiled(model) -> bool:
@@ -43,10 +52,18 @@ class _RowSet:
     """Batch rows `idx` (sorted, as `nonzero` gives them). A contiguous run (the degraded half of a batched call)
     is read as a view and written back with one concatenation instead of a gather and a full-size scatter."""
 
-    def __init__(self, idx: torch.Tensor):
+    def __init__(self, idx: torch.Tensor, span: Optional[tuple[int, int]] = None):
         self.idx = idx
+        if span is not None:                           # given by the caller: no read-back of idx
+            self.span = span
+            return
         first, last = (int(idx[0]), int(idx[-1])) if len(idx) else (0, -1)
         self.span = (first, last + 1) if last - first + 1 == len(idx) else None
+
+    @classmethod
+    def from_span(cls, a: int, b: int, device=None) -> "_RowSet":
+        """Rows `a..b-1`."""
+        return cls(torch.arange(a, b, device=device), (a, b))
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.span[0]:self.span[1]] if self.span else t[self.idx]
@@ -102,39 +119,109 @@ class Perturbation:
     def _hooks(self, model, rows, keys, sigma) -> list:  # -> list of Hook or (module, forward_hook_fn)
         return []
 
+    def _hooks_span(self, model, span: tuple[int, int], keys, sigma) -> Optional[list]:
+        """The hooks when the degraded rows are exactly the run `span = (a, b)` of the batch (a batched guided call:
+        exact rows, then degraded ones), or None for "use `_hooks`". Lets a perturbation skip finding its rows on
+        every call; the hooks must act exactly as `_hooks` would with `rows` True on `a..b-1`."""
+        return None
+
+    def _cached_sites(self, model) -> list:
+        """`self.sites(model)`, found once per sampling run (`run_cache`), else on every call."""
+        cache = run_cache()
+        if cache is None:
+            return self.sites(model)
+        key = ("sites", id(self), id(model))
+        hit = cache.get(key)
+        if hit is None or hit[0] is not self or hit[1] is not model:
+            hit = cache[key] = (self, model, self.sites(model))
+        return hit[2]
+
     def _sites_and_rows(self, model, strength: Schedule, rows, sigma):
         """`(sites, idx, s)`: the validated sites of `model` (`self.sites`), and the rows degraded with a strength
         `s > 0` (`idx [M]`, `s [M]` float32)."""
-        sites = self.sites(model)
+        sites = self._cached_sites(model)
         return (sites, *_strength_rows(strength, rows, sigma))
 
-    @contextmanager
-    def active(self, model: torch.nn.Module, rows: torch.Tensor, keys: torch.Tensor,
-               sigma: torch.Tensor) -> Iterator[None]:
+    def active(self, model: torch.nn.Module, rows: Optional[torch.Tensor], keys: torch.Tensor,
+               sigma: torch.Tensor, *, span: Optional[tuple[int, int]] = None) -> "_Active":
         """Within the block, `model`'s forward degrades the batch rows where `rows` is True.
         `keys` `[B]` int64 seeds the randomness row by row; `sigma` `[B]` evaluates strength schedules.
+        `span=(a, b)` says the degraded rows are exactly `a..b-1` (then `rows` may be None); a third entry True
+        says their keys are `current_keys` of the sampler's noise context, in row order.
         Every hook is removed on exit, also after an exception."""
-        if model is None and type(self)._hooks is not Perturbation._hooks:
-            raise TypeError(f"{type(self).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
+        if rows is None and span is None:
+            raise TypeError("active() needs rows (a [B] bool tensor) or span=(first, end)")
+        return _Active(self, model, rows, keys, sigma, span)
+
+
+def _span_hooks_apply(cls) -> bool:
+    """Whether `cls._hooks_span` stands for `cls._hooks`: a `_hooks_span` names the `_hooks` it is the lean form of
+    (`_hooks_span.span_of`), so a subclass (or a patch) that changes `_hooks` alone gets its `_hooks` called."""
+    return getattr(cls._hooks_span, "span_of", None) is cls._hooks
+
+
+class _Active:
+    """The context manager of `Perturbation.active`: installs the hooks on entry, removes them on exit."""
+
+    __slots__ = ("pert", "model", "rows", "keys", "sigma", "span", "handles", "reset", "modules")
+
+    def __init__(self, pert, model, rows, keys, sigma, span):
+        self.pert, self.model, self.rows, self.keys, self.sigma, self.span = pert, model, rows, keys, sigma, span
+        self.handles: list = []
+        self.reset = None
+        self.modules: list = []          # the modules hooked (known inside the block)
+
+    def __enter__(self) -> None:
+        pert, model = self.pert, self.model
+        if model is None and type(pert)._hooks is not Perturbation._hooks:
+            raise TypeError(f"{type(pert).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
                             "the denoiser is a plain function")
         if model is not None and _is_compiled(model):
-            raise TypeError(f"{type(self).__name__} cannot hook into a torch.compile'd network (the compiled graph "
+            raise TypeError(f"{type(pert).__name__} cannot hook into a torch.compile'd network (the compiled graph "
                             "ignores or keeps hooks depending on its call history): perturb the uncompiled "
                             "network (net._orig_mod), or compile only the unperturbed net")
+        hooks = (pert._hooks_span(model, self.span, self.keys, self.sigma)
+                 if self.span is not None and _span_hooks_apply(type(pert)) else None)
+        if hooks is None:
+            rows = self.rows
+            if rows is None:
+                a, b = self.span[0], self.span[1]
+                rows = torch.zeros(len(self.keys), dtype=torch.bool, device=self.sigma.device)
+                rows[a:b] = True
+            hooks = pert._hooks(model, rows, self.keys, self.sigma)
         token = object()
-        with ExitStack() as stack:
-            for h in self._hooks(model, rows, keys, sigma):
-                h = h if isinstance(h, Hook) else Hook(*h)
-                if h.kind == "forward":
-                    handle = h.module.register_forward_hook(_owned(h.fn, token))
-                elif h.kind == "forward_kwargs":
-                    handle = h.module.register_forward_hook(_owned(h.fn, token), with_kwargs=True)
+        handles = self.handles
+        try:
+            for h in hooks:
+                if isinstance(h, Hook):
+                    module, fn, kind = h.module, h.fn, h.kind
                 else:
-                    raise ValueError(f"unknown hook kind {h.kind!r}: expected 'forward' or 'forward_kwargs'")
-                stack.callback(handle.remove)
-            reset = _ACTIVE.set(_ACTIVE.get() | {token})
-            stack.callback(_ACTIVE.reset, reset)
-            yield
+                    module, fn, *rest = h
+                    kind = rest[0] if rest else "forward"
+                if kind == "forward":
+                    handles.append(module.register_forward_hook(_owned(fn, token)))
+                elif kind == "forward_kwargs":
+                    handles.append(module.register_forward_hook(_owned(fn, token), with_kwargs=True))
+                else:
+                    raise ValueError(f"unknown hook kind {kind!r}: expected 'forward' or 'forward_kwargs'")
+                self.modules.append(module)
+            self.reset = _ACTIVE.set(_ACTIVE.get() | {token})
+        except BaseException:
+            self._remove()
+            raise
+
+    def _remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            if self.reset is not None:
+                _ACTIVE.reset(self.reset)
+                self.reset = None
+        finally:
+            self._remove()
+        return False
 
 
 # -- shared helpers of the perturbations below ------------------------------------------------------------------
