@@ -160,15 +160,39 @@ def _span_hooks_apply(cls) -> bool:
     return getattr(cls._hooks_span, "span_of", None) is cls._hooks
 
 
-class _Active:
-    """The context manager of `Perturbation.active`: installs the hooks on entry, removes them on exit."""
+class HookScope:
+    """Hooks that act only inside one `with` block, in the thread and context that entered it: each is registered
+    wrapped by `_owned(fn, self.token)`, `activate()` makes the token current, `close()` restores the context and
+    removes every hook (also after an exception). `Perturbation.active` and prefix sharing are both scopes."""
 
-    __slots__ = ("pert", "model", "rows", "keys", "sigma", "span", "handles", "reset", "modules")
+    __slots__ = ("handles", "reset", "token")
 
-    def __init__(self, pert, model, rows, keys, sigma, span):
-        self.pert, self.model, self.rows, self.keys, self.sigma, self.span = pert, model, rows, keys, sigma, span
+    def __init__(self):
         self.handles: list = []
         self.reset = None
+        self.token = object()
+
+    def activate(self) -> None:
+        self.reset = _ACTIVE.set(_ACTIVE.get() | {self.token})
+
+    def close(self) -> None:
+        try:
+            if self.reset is not None:
+                _ACTIVE.reset(self.reset)
+                self.reset = None
+        finally:
+            while self.handles:
+                self.handles.pop().remove()
+
+
+class _Active(HookScope):
+    """The context manager of `Perturbation.active`: installs the hooks on entry, removes them on exit."""
+
+    __slots__ = ("pert", "model", "rows", "keys", "sigma", "span", "modules")
+
+    def __init__(self, pert, model, rows, keys, sigma, span):
+        super().__init__()
+        self.pert, self.model, self.rows, self.keys, self.sigma, self.span = pert, model, rows, keys, sigma, span
         self.modules: list = []          # the modules hooked (known inside the block)
 
     def __enter__(self) -> None:
@@ -189,7 +213,7 @@ class _Active:
                 rows = torch.zeros(len(self.keys), dtype=torch.bool, device=self.sigma.device)
                 rows[a:b] = True
             hooks = pert._hooks(model, rows, self.keys, self.sigma)
-        token = object()
+        token = self.token
         handles = self.handles
         try:
             for h in hooks:
@@ -205,22 +229,13 @@ class _Active:
                 else:
                     raise ValueError(f"unknown hook kind {kind!r}: expected 'forward' or 'forward_kwargs'")
                 self.modules.append(module)
-            self.reset = _ACTIVE.set(_ACTIVE.get() | {token})
+            self.activate()
         except BaseException:
-            self._remove()
+            self.close()
             raise
 
-    def _remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
     def __exit__(self, *exc) -> bool:
-        try:
-            if self.reset is not None:
-                _ACTIVE.reset(self.reset)
-                self.reset = None
-        finally:
-            self._remove()
+        self.close()
         return False
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .base import _ACTIVE, _owned, run_cache
+from .base import HookScope, _owned, run_cache
 
 __all__ = ["SharedPrefix", "PrefixMismatch"]
 
@@ -109,16 +109,15 @@ def _roots(events: list, sites: set, model: torch.nn.Module) -> Optional[list]:
     return None
 
 
-class SharedPrefix:
+class SharedPrefix(HookScope):
     """Context manager around ONE network call of `2 n` rows (exact rows `[0, n)`, degraded rows `[n, 2 n)`, equal
     inputs) in which `sites` are the perturbed modules: the first call in a sampling run records the module order
     (and is not shared); later calls share the prefix. `shared` says whether this call shares."""
 
     def __init__(self, model: torch.nn.Module, sites: list, n: int, key):
+        super().__init__()
         self.model, self.sites, self.n, self.b = model, set(sites), n, 2 * n
         self.key = key
-        self.handles: list = []
-        self.reset = None
         self.shared = False
         self.events = None
 
@@ -127,7 +126,7 @@ class SharedPrefix:
         if cache is None or not self.sites:
             return self
         hit = cache.get(self.key)
-        token = object()
+        token = self.token
         try:
             if hit is None:                                   # first call of the run: record the module order
                 self.events, self.handles = _record(self.model, self.sites, token)
@@ -136,9 +135,9 @@ class SharedPrefix:
                 self.shared = True
             else:
                 return self
-            self.reset = _ACTIVE.set(_ACTIVE.get() | {token})
+            self.activate()
         except BaseException:
-            self._remove()
+            self.close()
             raise
         return self
 
@@ -174,17 +173,8 @@ class SharedPrefix:
             self.handles.append(m.register_forward_pre_hook(_owned(root_pre, token), with_kwargs=True))
             self.handles.append(m.register_forward_hook(_owned(root_post, token), with_kwargs=True))
 
-    def _remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
     def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
-            if self.reset is not None:
-                _ACTIVE.reset(self.reset)
-                self.reset = None
-        finally:
-            self._remove()
+        self.close()
         cache = run_cache()
         if self.events is not None and exc_type is None and cache is not None:
             roots = _roots(self.events, self.sites, self.model)
