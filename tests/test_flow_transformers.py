@@ -429,3 +429,16 @@ def test_pixart_transformer_with_a_mapping_and_none_entries():
                   ag.perturbation_guidance(D, 2.0, IdentityAttention())]:
             assert not torch.allclose(G(x, float(sigma), cond), ref)
     assert_same_state(before, state_snapshot(m))
+
+
+def test_the_wrapped_model_is_reachable_as_model_for_perturbation_sites():
+    import torch
+    from autoguidance.adapters import DiffusersDenoiser
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                               pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+    D = DiffusersDenoiser(tr, FlowMatchEulerDiscreteScheduler())
+    assert D.model is D.unet is tr
+    assert isinstance(D.model, torch.nn.Module)

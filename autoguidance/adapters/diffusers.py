@@ -448,6 +448,12 @@ class DiffusersDenoiser(torch.nn.Module):
             ehs = torch.where(zero[:, None, None], self.null_text.reshape(1, -1, dim).to(dtype), ehs)
         return ehs
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped diffusers model (U-Net or transformer; also `.unet`): where perturbations hook,
+        `module=D.model`, as for the pipeline adapter's nets."""
+        return self.unet
+
     def unet_inputs(self, x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple:
         """`(x_vp, t, kwargs)`: what the unet gets for EDM `(x, sigma, labels)`."""
         n = x.shape[0]
