@@ -457,19 +457,25 @@ class DiffusersDenoiser(torch.nn.Module):
     def unet_inputs(self, x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple:
         """`(x_vp, t, kwargs)`: what the unet gets for EDM `(x, sigma, labels)`."""
         n = x.shape[0]
-        if self.labels_as == "none" and labels is not None and bool((labels != 0).any()):
-            raise ValueError("this unet is unconditional: labels must be None or zero rows")
+        dtype = getattr(self.unet, "dtype", x.dtype)
+        kwargs = self._tensor_label_kwargs(labels, n, x.device, dtype)
         x_vp = x / _col((1 + sigma.to(torch.float64) ** 2).sqrt(), x)
         t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+        return x_vp.to(dtype), t, kwargs
+
+    def _tensor_label_kwargs(self, labels: Optional[torch.Tensor], n: int, device, dtype) -> dict:
+        """The model's keyword arguments for tensor labels (or None): the fixed `unet_kwargs`, class labels and
+        encoder states as `labels_as` says; labels on an unconditional model must be None or zero rows."""
+        if self.labels_as == "none" and labels is not None and bool((labels != 0).any()):
+            raise ValueError("this model is unconditional: labels must be None or zero rows")
         kwargs = dict(self.unet_kwargs)
-        dtype = getattr(self.unet, "dtype", x.dtype)
-        class_labels = self._class_labels(labels, n, x.device)
+        class_labels = self._class_labels(labels, n, device)
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
         ehs = self._encoder_states(labels, n, dtype)
         if ehs is not None:
             kwargs["encoder_hidden_states"] = ehs
-        return x_vp.to(dtype), t, kwargs
+        return kwargs
 
     def conditioning_kwargs(self, cond: Mapping, n: int) -> dict:
         """The model's keyword arguments from a conditioning mapping (SDXL's `text_embeds` / `time_ids` may be
@@ -552,15 +558,7 @@ class DiffusersDenoiser(torch.nn.Module):
         if isinstance(labels, Mapping):
             kwargs = self.conditioning_kwargs(labels, n)
         else:
-            if self.labels_as == "none" and labels is not None and bool((labels != 0).any()):
-                raise ValueError("this model is unconditional: labels must be None or zero rows")
-            kwargs = dict(self.unet_kwargs)
-            class_labels = self._class_labels(labels, n, x_t.device)
-            if class_labels is not None:
-                kwargs["class_labels"] = class_labels
-            ehs = self._encoder_states(labels, n, dtype)
-            if ehs is not None:
-                kwargs["encoder_hidden_states"] = ehs
+            kwargs = self._tensor_label_kwargs(labels, n, x_t.device, dtype)
             self._check_required(kwargs)
         out = self._run(x_t.to(dtype), self.schedule.timestep(t), kwargs, x_t).to(torch.float32)
         xt, tc = x_t.to(torch.float32), _col(t, x_t).to(torch.float32)
