@@ -3,7 +3,8 @@ schedule study end to end on a subset of rows (QUICK settings: 40 images, 4 step
 import json
 
 from autoguidance.cli import main
-from autoguidance.experiments.free_guides import SKIP_BLOCKS, TPG_BLOCKS, digits_guides, digits_perturbation
+from autoguidance.experiments.digits import bottleneck_blocks, lowest_encoder_blocks
+from autoguidance.experiments.free_guides import digits_guides, digits_perturbation
 
 
 def test_every_digits_guide_builds_on_the_shipped_unet():
@@ -12,10 +13,16 @@ def test_every_digits_guide_builds_on_the_shipped_unet():
 
     net = load("digits-s-T-ema150")
     names = dict(net.named_modules())
-    assert all(b in names for b in SKIP_BLOCKS + TPG_BLOCKS)
+    # the sites of the committed digits records: the 4x4 bottleneck and the encoder's 4x4 blocks
+    assert bottleneck_blocks(net) == ["unet.dec.4x4_in0", "unet.dec.4x4_in1"]
+    assert lowest_encoder_blocks(net) == ["unet.enc.4x4_block0", "unet.enc.4x4_block1"]
+    assert all(b in names for b in bottleneck_blocks(net) + lowest_encoder_blocks(net))
+    mnist = load("mnist-s-T-ema050")
+    assert bottleneck_blocks(mnist) == ["unet.dec.7x7_in0", "unet.dec.7x7_in1"]
+    assert lowest_encoder_blocks(mnist) == ["unet.enc.7x7_block0", "unet.enc.7x7_block1"]
     for g in digits_guides():
         if "kind" in g.base:
-            p = digits_perturbation(g.base)
+            p = digits_perturbation(g.base, net)
             assert p.sites(net) if hasattr(p, "sites") and g.base["kind"] not in ("inputnoise", "selfguidance") else True
 
 

@@ -70,3 +70,62 @@ def test_missing_mnist_checkpoint_says_how_to_train_it(weights, tmp_path):
     lab = Lab(TINY, weights, progress=False, data=MNIST14)
     with pytest.raises(FileNotFoundError, match="scripts/train_mnist_checkpoints.sh"):
         lab.net("s-dropout-T-ema050")
+
+
+def test_mnist_floor_has_no_large_n_rows_and_uses_the_tuned_settings(weights, tmp_path):
+    lab = Lab(replace(TINY, eval_sets=(1,), n=4, num_steps=1), weights, progress=False, data=MNIST14)
+    rec = run_experiment("floor", tmp_path, lab.s, lab=lab)
+    keys = [r["key"] for r in rec["rows"]]
+    assert keys == ["real", "real-all", "none", "floor:CFG (uncond. XS at T, w 2)",
+                    "floor:autoguidance (XS at T/16, w 2)"]
+    assert "repeat the models" not in (tmp_path / "mnist_floor.md").read_text()
+
+
+def test_mnist_table_has_the_best_free_guides_of_the_head_to_head(weights, tmp_path):
+    from autoguidance.experiments.digits import _perturbation
+
+    lab = Lab(replace(TINY, eval_sets=(1,), n=4, num_steps=1), weights, progress=False, data=MNIST14)
+    rec = run_experiment("table", tmp_path, lab.s, methods=["blockdrop", "tpg", "skiplayer"], lab=lab)
+    assert [r["key"] for r in rec["rows"]] == ["none", "blockdrop", "tpg", "skiplayer"]
+    net = lab.net("s-T-ema050")
+    assert [n for n, _ in _perturbation("skiplayer", 1.0, net).sites(net)] == ["unet.dec.7x7_in0", "unet.dec.7x7_in1"]
+
+
+def test_stored_evaluations_are_read_back_and_never_mixed(weights, tmp_path, monkeypatch):
+    """A rerun with the same store reads every evaluation back (numbers and the sample figure's images) without
+    sampling; a checkpoint with other weights, or a damaged file, is sampled again."""
+    import shutil
+
+    from autoguidance.experiments import digits as lab_module
+
+    store = tmp_path / "store"
+    s = replace(TINY, eval_sets=(1,), n=4, num_steps=1)
+    first = run_experiment("table", tmp_path / "a", s, methods=["auto"], lab=Lab(s, weights, progress=False,
+                                                                                  data=MNIST14, store=store))
+    n_files = len(list(store.glob("*.json")))
+    assert n_files == 4 and len(list(store.glob("*.npy"))) == 2   # none + auto on sets 0, 1; images of set 1
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled although the evaluation is stored")
+    monkeypatch.setattr(lab_module, "generate", no_sampling)
+    lab = Lab(s, weights, progress=False, data=MNIST14, store=store)
+    again = run_experiment("table", tmp_path / "b", s, methods=["auto"], lab=lab)
+    assert json.dumps(first["rows"]) == json.dumps(again["rows"])
+    assert (tmp_path / "b" / "mnist_table_samples.png").stat().st_size > 0
+    monkeypatch.undo()
+
+    # another checkpoint under the same name: its evaluations are new ones
+    other = tmp_path / "other"
+    shutil.copytree(weights, other)
+    net = EDM2Precond(**net_config("mnist14", "XXS", 10, 0.0))
+    save(net, other / "xs-T16-ema050", meta={"command": "test"})
+    lab = Lab(s, other, progress=False, data=MNIST14, store=store)
+    run_experiment("table", tmp_path / "c", s, methods=["auto"], lab=lab)
+    assert len(list(store.glob("*.json"))) == n_files + 2            # auto on sets 0, 1 again; none reused
+
+    # a damaged record is recomputed and replaced
+    victim = sorted(store.glob("*.json"))[0]
+    victim.write_text("{not json")
+    lab = Lab(s, other, progress=False, data=MNIST14, store=store)
+    run_experiment("table", tmp_path / "d", s, methods=["auto"], lab=lab)
+    assert json.loads(victim.read_text())["metrics"]["fd"] >= 0

@@ -104,6 +104,10 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
         q.add_argument("--weights", default=None, help=f"checkpoint folder (default: the shipped {data.noun} weights)")
         q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
         q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
+        q.add_argument("--store", default=None,
+                       help="folder of finished evaluations: a rerun (or another experiment) reads them back instead "
+                            "of sampling again (default: OUT/.evaluations)")
+        q.add_argument("--no-store", action="store_true", help="keep evaluations in memory only")
 
     for name, (_, title, _) in EXPERIMENTS.items():
         q = dsub.add_parser(name, help=title.replace("digits", data.noun),
@@ -141,11 +145,15 @@ def _settings(args) -> Settings:
     return s
 
 
+def _store(args):
+    return None if args.no_store else Path(args.store) if args.store else Path(args.out) / ".evaluations"
+
+
 def _run_cli(args) -> int:
     torch.set_num_threads(args.threads)
     methods = [m for m in getattr(args, "methods", "").split(",") if m.strip()] or None
-    rec = run_experiment(args.experiment, args.out, _settings(args), args.weights, methods, progress=not args.quiet,
-                         data=args.data)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
+    rec = run_experiment(args.experiment, args.out, lab.s, methods=methods, lab=lab)
     stem = experiment_text(args.experiment, args.data)[0]
     print((Path(args.out) / f"{stem}.md").read_text())
     print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
@@ -154,7 +162,7 @@ def _run_cli(args) -> int:
 
 def _all_cli(args) -> int:
     torch.set_num_threads(args.threads)
-    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
     for name in [e for e in args.only.split(",") if e.strip()]:
         rec = run_experiment(name, args.out, lab.s, lab=lab)
         stem = experiment_text(name, args.data)[0]

@@ -33,6 +33,7 @@ samples, for CI; the tables and figures are made by `digits_report.py`):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -45,7 +46,7 @@ import torch
 from ..checkpoint import load
 from ..guidance import Guide, Guided, Pass, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, \
     perturbation_guidance
-from ..runs.files import write_json, write_text
+from ..runs.files import atomic_path, write_json, write_text
 from ..metrics.features import extract, load_feature_net
 from ..metrics.frechet import frechet_distance_features
 from ..metrics.prdc import prdc
@@ -56,7 +57,8 @@ from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, pl
     training_costs
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
-           "run_guides", "run_floor", "run_late", "late_sites", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
+           "run_guides", "run_floor", "run_late", "late_sites", "bottleneck_blocks",
+           "lowest_encoder_blocks", "TABLE_PERTURBATIONS", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
            "NOTES"]
 
 DIGITS_WEIGHTS = DIGITS.weights
@@ -88,8 +90,9 @@ class Lab:
     and every evaluation done so far (keyed by method, parameters and seed set, so rows share work)."""
 
     def __init__(self, settings: Settings = FULL, weights=None, features=None, progress: bool = True,
-                 data: ImageSet = DIGITS):
+                 data: ImageSet = DIGITS, store=None):
         self.s = settings
+        self.store = Path(store) if store is not None else None   # evaluations kept on disk: resume, share
         self.data = data
         self.weights = Path(weights) if weights is not None else data.weights
         self.features_path = Path(features) if features is not None else self.weights / "features"
@@ -119,11 +122,58 @@ class Lab:
         share a configuration (e.g. the autoguidance sweep and its 'same EMA' row) share the work."""
         return json.dumps([build.__qualname__, params, seed_set, self.s.n, self.s.num_steps], sort_keys=True)
 
+    def _digest(self, path: Path) -> str:
+        """A checkpoint's identity: the sha256 of its weights recorded in its config.json (else of the config)."""
+        cfg = path / "config.json"
+        if not cfg.exists():
+            return "missing"
+        return json.loads(cfg.read_text()).get("sha256") or hashlib.sha256(cfg.read_bytes()).hexdigest()
+
+    def _store_name(self, ck: str, params: dict, conditional: bool) -> str:
+        """The stored evaluation's file stem: a digest of the evaluation's identity, the image set, the checkpoints
+        it samples (by their weights' sha256, so a retrained net never reuses an old number) and the metric's net."""
+        nets = {k: self._digest(self.weights / v) for k, v in sorted(params.items())
+                if k in ("main", "guide", "uncond") and isinstance(v, str)}
+        ident = [ck, conditional, self.data.prefix, nets, self._digest(self.features_path), self.s.batch]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _load_stored(self, name: str, want_samples: bool) -> Optional[tuple[dict, float, Optional[torch.Tensor]]]:
+        rec_path, x_path = self.store / f"{name}.json", self.store / f"{name}.npy"
+        if not rec_path.exists() or (want_samples and not x_path.exists()):
+            return None
+        try:
+            stored = json.loads(rec_path.read_text())
+            x = torch.from_numpy(np.load(x_path)) if want_samples else None
+        except (OSError, ValueError):
+            return None    # a damaged file is recomputed (and replaced atomically)
+        return stored["metrics"], stored["seconds"], x
+
+    def _save_stored(self, name: str, ck: str, rec: dict, seconds: float, x: Optional[torch.Tensor]) -> None:
+        if x is not None:
+            with atomic_path(self.store / f"{name}.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, x.numpy())
+        write_json(self.store / f"{name}.json", {"evaluation": json.loads(ck), "metrics": rec,
+                                                  "seconds": round(seconds, 2)})
+
     def evaluate(self, key: str, build: Callable, params: dict, seed_set: int, conditional: bool = True) -> dict:
-        """Sample seed set `seed_set` with the denoiser `build(self, params)`; metrics against the test split."""
+        """Sample seed set `seed_set` with the denoiser `build(self, params)`; metrics against the test split.
+        With a store, an evaluation done before (by any run with the same checkpoints and settings) is read back."""
         ck = self._ck(build, params, seed_set)
         if ck in self.cache:
             return self.cache[ck]
+        keep = seed_set == self.s.eval_sets[0]
+        name = self._store_name(ck, params, conditional) if self.store is not None else None
+        stored = self._load_stored(name, keep) if name is not None else None
+        if stored is not None:
+            rec, self.timing[ck], x = stored
+            self.cache[ck] = rec
+            if keep:
+                self.samples[ck] = x
+            if self.progress:
+                print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {fmt_params(params):44s} set {seed_set}: "
+                      f"FD {rec['fd']:7.3f}  (stored)", flush=True)
+            return rec
         seeds = self.s.seeds(seed_set)
         classes = seeds % 10
         labels = torch.nn.functional.one_hot(classes, 10).float() if conditional else None
@@ -135,8 +185,10 @@ class Lab:
         rec = self.measure(x, classes if conditional else None)
         self.cache[ck] = rec
         self.timing[ck] = time.perf_counter() - t
-        if seed_set == self.s.eval_sets[0]:
+        if keep:
             self.samples[ck] = x[:100].clone()
+        if name is not None:
+            self._save_stored(name, ck, rec, self.timing[ck], self.samples.get(ck))
         if self.progress:
             print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {fmt_params(params):44s} set {seed_set}: "
                   f"FD {rec['fd']:7.3f}  ({self.timing[ck]:.1f}s)", flush=True)
@@ -221,15 +273,39 @@ def _b_insitu(L, p):
 _ALIASES = {"identityattn": "identityattention"}
 
 
-def _perturbation(kind: str, strength: float):
-    """A perturbation by short name at `strength`, via `methods.make_perturbation` (its default sites)."""
-    from ..methods import make_perturbation
+def _lowest(net: torch.nn.Module) -> str:
+    """The lowest resolution of an EDM2 U-Net's blocks as its block names spell it ('4x4' for the 8x8 digits)."""
+    return min((k.split("_")[0] for k in net.unet.enc.keys()), key=lambda r: int(r.split("x")[0]))
 
+
+def bottleneck_blocks(net: torch.nn.Module) -> list[str]:
+    """The EDM2 U-Net's shape-keeping blocks in the middle of the net (the skip-layer guide skips them)."""
+    r = _lowest(net)
+    return [f"unet.dec.{r}_in0", f"unet.dec.{r}_in1"]
+
+
+def lowest_encoder_blocks(net: torch.nn.Module) -> list[str]:
+    """The encoder's blocks at the lowest resolution (TPG shuffles their output tokens)."""
+    r = _lowest(net)
+    return [f"unet.enc.{k}" for k in net.unet.enc.keys() if k.startswith(f"{r}_block")]
+
+
+def _perturbation(kind: str, strength: float, net: Optional[torch.nn.Module] = None):
+    """A perturbation by short name at `strength`: 'tpg' and 'skiplayer' on `net`'s lowest-resolution blocks (as
+    the free-guides head-to-head), the others via `methods.make_perturbation` (its default sites)."""
+    from ..methods import make_perturbation
+    from ..perturb import BlockDrop, TokenShuffle
+
+    if kind == "tpg":
+        return TokenShuffle(where=lowest_encoder_blocks(net))
+    if kind == "skiplayer":
+        return BlockDrop(strength, where=bottleneck_blocks(net), path="input")
     return make_perturbation(_ALIASES.get(kind, kind), strength)
 
 
 def _b_perturb(L, p):
-    return perturbation_guidance(L.net(p["main"]), p["w"], _perturbation(p["kind"], p["strength"]))
+    net = L.net(p["main"])
+    return perturbation_guidance(net, p["w"], _perturbation(p["kind"], p["strength"], net))
 
 
 def _b_cfg_auto(L, p):
@@ -272,6 +348,28 @@ def _b_quant(L, p):
 
 # -- the experiments ---------------------------------------------------------------------------------------------
 
+#: the free guides of each set's main table: on digits the first three tried; on MNIST the best free guides of the
+#: digits head-to-head (docs/free_guides.md: block drop, TPG, skip-layer; the same-run T/16 snapshot and in-situ
+#: dropout are rows of the table already)
+TABLE_PERTURBATIONS = {
+    "digits": (("blockdrop", 0.1, "block drop p = 0.1"), ("inputnoise", 0.2, "input noise +20%"),
+               ("identityattn", 1.0, "identity attention")),
+    "mnist": (("blockdrop", 0.1, "block drop p = 0.1"), ("tpg", 1.0, "TPG, tokens of the lowest-resolution encoder "
+                                                                    "blocks shuffled"),
+              ("skiplayer", 1.0, "skip-layer, the 2 bottleneck blocks return their input")),
+}
+
+
+def _cfg_grid(lab: Lab, main: str) -> list[dict]:
+    """The main table's CFG grid: the unconditional XS at T (both EMAs) as the guide, every w."""
+    return lab.grid(main=[main], guide=_guide_names(lab, "xs-uncond-T"), w=_ws(lab))
+
+
+def _auto_grid(lab: Lab, main: str) -> list[dict]:
+    """The main table's autoguidance grid: the XS at T/16 (both EMAs) as the guide, every w."""
+    return lab.grid(main=[main], guide=_guide_names(lab, "xs-T16"), w=_ws(lab))
+
+
 def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
     """The main table (Karras et al. 2024, Table 1 at digits scale, plus the in-situ and perturbation rows)."""
     W = _ws(lab)
@@ -285,13 +383,11 @@ def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
 
     rows.append(Row("none", "S, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}),
                     "FID 2.56 / FD_DINOv2 68.64", lab_key="none:s-T"))
-    add("cfg", "CFG (uncond. XS at T)", _b_cfg, lab.grid(main=[main], guide=_guide_names(lab, "xs-uncond-T"), w=W),
-        "2.23 (w 1.40) / 52.32 (w 1.90)")
+    add("cfg", "CFG (uncond. XS at T)", _b_cfg, _cfg_grid(lab, main), "2.23 (w 1.40) / 52.32 (w 1.90)")
     add("cfg-interval", f"CFG, interval sigma in ({INTERVAL[0]}, {INTERVAL[1]}]", _b_cfg,
         lab.grid(main=[main], guide=_guide_names(lab, "xs-uncond-T"), interval=[list(INTERVAL)], w=W),
         "1.68 (w 2.10) / 46.25 (w 3.20)")
-    add("auto", "autoguidance (XS, T/16)", _b_auto, lab.grid(main=[main], guide=_guide_names(lab, "xs-T16"), w=W),
-        "**1.34** (w 2.10) / **36.67** (w 2.45)")
+    add("auto", "autoguidance (XS, T/16)", _b_auto, _auto_grid(lab, main), "**1.34** (w 2.10) / **36.67** (w 2.45)")
     if want("auto-same-ema"):
         same = f"xs-T16-ema{main.rsplit('ema', 1)[1]}"
         add("auto-same-ema", "- guide EMA = main's EMA", _b_auto, lab.grid(main=[main], guide=[same], w=W),
@@ -302,8 +398,7 @@ def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
         lab.grid(main=[main], guide=_guide_names(lab, "xs-T"), w=W), "2.13 (w 1.80) / 59.89 (w 1.90)")
     add("insitu", "in-situ dropout p = 0.1 (main without dropout)", _b_insitu, lab.grid(main=[main], p=[0.1], w=W),
         "2.57 / 90.05 (w' 2.0 = w 3.0; EDM2-S)")
-    for kind, strength, label in (("blockdrop", 0.1, "block drop p = 0.1"), ("inputnoise", 0.2, "input noise +20%"),
-                                  ("identityattn", 1.0, "identity attention")):
+    for kind, strength, label in TABLE_PERTURBATIONS[lab.data.prefix]:
         add(kind, f"perturbation: {label}", _b_perturb,
             lab.grid(main=[main], kind=[kind], strength=[strength], w=W), "-")
     if want("cfg+auto"):
@@ -412,8 +507,8 @@ def run_failures(lab: Lab) -> list[Row]:
     """Karras et al. 2024, Sec. 5: guides that did not work (less data, quantization, interval on autoguidance)."""
     main, _ = choose_main(lab, "s-T")
     W = _ws(lab)
-    rows = [Row("auto", "autoguidance (XS, T/16), for reference",
-                lab.tune("auto", _b_auto, lab.grid(main=[main], guide=_guide_names(lab, "xs-T16"), w=W)), "1.34")]
+    rows = [Row("auto", "autoguidance (XS, T/16), for reference", lab.tune("auto", _b_auto, _auto_grid(lab, main)),
+                "1.34")]
     rows.append(Row("auto-half-data", "guide XS, T/16, trained on half the data",
                     lab.tune("auto-half-data", _b_auto, lab.grid(main=[main], guide=_guide_names(lab, "xs-half-T16"),
                                                                  w=W)), "did not work"))
@@ -463,9 +558,16 @@ def _real_runs(lab: Lab, n: Optional[int]) -> dict:
     return {"params": {"n": n if n is not None else len(d)}, "mean": mean, "std": std, "runs": runs}
 
 
-#: the main table's best settings of CFG and autoguidance (docs/digits/digits_table.json), evaluated again here
-FLOOR_METHODS = (("CFG (uncond. XS at T, w 1.5)", _b_cfg, {"guide": "xs-uncond-T-ema050", "w": 1.5}),
-                 ("autoguidance (XS at T/16, w 1.25)", _b_auto, {"guide": "xs-T16-ema150", "w": 1.25}))
+def _floor_methods(lab: Lab, main: str) -> tuple:
+    """The main table's best CFG and autoguidance settings, tuned as the table tunes them (the same evaluations:
+    read back from the store, or shared in one process, after the table)."""
+    out = []
+    for label, build, grid in (("CFG (uncond. XS at T", _b_cfg, _cfg_grid(lab, main)),
+                               ("autoguidance (XS at T/16", _b_auto, _auto_grid(lab, main))):
+        best = dict(lab.tune(label, build, grid)["best"])
+        best.pop("main")
+        out.append((f"{label}, w {best['w']:g})", build, best))
+    return tuple(out)
 
 
 def run_floor(lab: Lab) -> list[Row]:
@@ -474,6 +576,7 @@ def run_floor(lab: Lab) -> list[Row]:
     autoguidance settings. At small N the FD estimate is biased upwards, and how much depends on the sample
     covariance, so this row is the floor the model rows should be read against."""
     main, _ = choose_main(lab, "s-T")
+    floor_methods = _floor_methods(lab, main)
     real_all = _real_runs(lab, None)
     rows = [Row("real", f"real {lab.data.noun}: {lab.s.n} training images per seed set", _real_runs(lab, lab.s.n),
                 "FID of real data: 0 by construction", group="real"),
@@ -481,16 +584,18 @@ def run_floor(lab: Lab) -> list[Row]:
                 real_all, "", group="real-all"),
             Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
                 group="models", lab_key="none:s-T")]
-    for label, build, params in FLOOR_METHODS:
+    for label, build, params in floor_methods:
         key = f"floor:{label}"
         rows.append(Row(key, label, lab.heldout(key, build, dict(params, main=main)), "", group="models"))
+    if not lab.data.floor_large:
+        return rows
     # The same three at N = 1297 (as many as the real training images; 2N in quick mode) on the same held-out seed
     # sets: does the ranking survive a smaller bias?
     n_big = rows[1].result["params"]["n"] if lab.s.n >= 100 else 2 * lab.s.n
     big = Lab(replace(lab.s, n=n_big, batch=min(lab.s.batch, n_big)), lab.weights, lab.features_path,
-              progress=lab.progress, data=lab.data)
+              progress=lab.progress, data=lab.data, store=lab.store)
     big._nets = lab._nets                                      # the same checkpoints, loaded once
-    for label, build, params in (("S at T, no guidance", _b_none, {}),) + FLOOR_METHODS:
+    for label, build, params in (("S at T, no guidance", _b_none, {}),) + floor_methods:
         key = f"floor-big:{label}"
         res = big.heldout(key, build, dict(params, main=main))
         res["params"] = dict(params, n=n_big)
@@ -556,9 +661,7 @@ NOTES = {
               "against the unguided main.",
     "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all {n_train} in one "
              "row), against the same test split, beside the unguided main and the main table's best CFG and "
-             "autoguidance settings; the last three rows repeat the models at N = {n_train} per seed set (seeds "
-             "s * 10^6 + [0, {n_train}), extending the N = 300 sets). dFD of the model rows is against the unguided "
-             "main of their group.",
+             "autoguidance settings{large}. dFD of the model rows is against the unguided main of their group.",
     "late": "In-situ dropout p = 0.1 at a subset of the main's dropout sites (forward order; 'last block' is the "
             "decoder's last block), each at its best w on the tuning set (the table's grid plus w = 4 and 6). A "
             "late-site guide shares the exact pass up to its first site (prefix sharing), so it costs less: "
@@ -572,7 +675,9 @@ def experiment_text(name: str, data: ImageSet = DIGITS) -> tuple[str, str, str]:
         raise ValueError(f"unknown {data.noun} experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
     stem, title, _ = EXPERIMENTS[name]
     n_train = len(data.load("train"))
-    note = NOTES[name].format(T=data.train_iters, n_train=n_train)
+    large = (f"; the last three rows repeat the models at N = {n_train} per seed set (seeds s * 10^6 + [0, {n_train}), "
+             f"extending the N = 300 sets)" if data.floor_large else "")
+    note = NOTES[name].format(T=data.train_iters, n_train=n_train, large=large)
     return stem.replace("digits", data.prefix, 1), title.replace("digits", data.noun), note
 
 

@@ -408,10 +408,6 @@ def write_figure(record: dict, path: Path) -> None:
 # The digits Lab's protocol (experiments/digits.py): w tuned on seed set 0 by FD_digits, reported on the held-out
 # sets (mean +- std), dFD against the unguided main of the same group at matched seeds, precision / recall (k = 3).
 
-#: the EDM2 U-Net's shape-keeping blocks in the middle of the net (the bottleneck): the skip-layer guide skips them
-SKIP_BLOCKS = ("unet.dec.4x4_in0", "unet.dec.4x4_in1")
-#: the blocks whose output tokens TPG shuffles: the encoder's 4x4 (lowest-resolution) blocks
-TPG_BLOCKS = ("unet.enc.4x4_block0", "unet.enc.4x4_block1")
 WN_N, WN_WS = 100, (1.25, 1.5, 2.0)      # weight noise: 22x the unguided cost per sample, so fewer images and w
 
 
@@ -428,9 +424,11 @@ def _strength(p: dict):
     return s
 
 
-def digits_perturbation(p: dict):
-    """The free guide's perturbation of a digits row (`p['kind']`, `p['strength']`)."""
+def digits_perturbation(p: dict, net: torch.nn.Module):
+    """The free guide's perturbation of a digits row (`p['kind']`, `p['strength']`) on the U-Net `net` (TPG and
+    skip-layer act on its lowest-resolution blocks: `digits.lowest_encoder_blocks`, `digits.bottleneck_blocks`)."""
     from ..perturb import BlockDrop, IdentityAttention, SmoothedAttention, TokenShuffle
+    from .digits import bottleneck_blocks, lowest_encoder_blocks
 
     kind, s = p["kind"], _strength(p)
     if kind == "dropout":
@@ -446,9 +444,9 @@ def digits_perturbation(p: dict):
     if kind == "seg":
         return SmoothedAttention(s)
     if kind == "tpg":
-        return TokenShuffle(where=list(TPG_BLOCKS))
+        return TokenShuffle(where=lowest_encoder_blocks(net))
     if kind == "skiplayer":
-        return BlockDrop(s, where=list(SKIP_BLOCKS), path="input")
+        return BlockDrop(s, where=bottleneck_blocks(net), path="input")
     if kind == "selfguidance":
         return NoisierLevel(s)
     raise ValueError(f"unknown digits free guide {kind!r}")
@@ -465,7 +463,8 @@ def _dw(p: dict):
 
 
 def _b_free(L, p):
-    return perturbation_guidance(L.net(p["main"]), _dw(p), digits_perturbation(p))
+    net = L.net(p["main"])
+    return perturbation_guidance(net, _dw(p), digits_perturbation(p, net))
 
 
 def _b_sgprev(L, p):
@@ -601,7 +600,7 @@ def run_free_guides_digits(out="docs/results/free_guides", quick: bool = False, 
             if small is None:
                 n_small = min(WN_N, lab.s.n)
                 small = Lab(replace(lab.s, n=n_small, batch=n_small, ws=WN_WS if not quick else lab.s.ws),
-                            lab.weights, lab.features_path, progress=lab.progress, data=lab.data)
+                            lab.weights, lab.features_path, progress=lab.progress, data=lab.data, store=lab.store)
                 small._nets = lab._nets
             L = small
         bkey = (g.main, L.s.n)

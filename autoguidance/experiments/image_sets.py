@@ -37,10 +37,12 @@ class ImageSet:
     fd_name: str                               # the Frechet distance's name in the tables
     train_iters: int                           # T of the shipped runs (stated in the notes)
     train_script: str                          # the script that trains the shipped checkpoints
+    floor_large: bool = True                   # the floor repeats the models at N = every training image
 
 
 DIGITS = ImageSet("digits", "digits", "digits", WEIGHTS_DIR / "digits", (1, 8, 8), _digits, "FD_digits", 2048,
                   "scripts/train_digits_checkpoints.sh")
+# MNIST's tables already run at N = 1000 per seed set (docs/mnist.md); 4000 per set would cost 4x the table
 MNIST14 = ImageSet("mnist14", "mnist", "MNIST", WEIGHTS_DIR / "mnist", (1, 14, 14), _mnist14, "FD_mnist", 4096,
-                   "scripts/train_mnist_checkpoints.sh")
+                   "scripts/train_mnist_checkpoints.sh", floor_large=False)
 IMAGE_SETS = {s.prefix: s for s in (DIGITS, MNIST14)}
