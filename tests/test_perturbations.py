@@ -380,3 +380,24 @@ def test_model_state_is_bit_identical_after_an_exception_in_the_degraded_pass(ki
 def test_find_sites_still_resolves_globs_on_edm2():
     net = tiny_edm2()
     assert [p for p, _ in find_sites(net, "unet.*.attn")] == [p for p, _ in IdentityAttention().sites(net)]
+
+
+def test_skip_layers_on_a_module_dict_equals_block_drop_of_the_same_blocks():
+    """EDM2 keeps its blocks in ModuleDicts: SkipLayers takes their keys (or indices in order) and does exactly
+    what BlockDrop(p=1, path='input') does on the same blocks."""
+    import autoguidance as ag
+    from autoguidance.checkpoint import load
+    from autoguidance.perturb import SkipLayers
+
+    net = load("digits-s-T-ema150")
+    x, sigma = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((3,), 1.5)
+    labels = torch.eye(10)[:3]
+    by_key = SkipLayers(blocks="unet.dec", layers=["4x4_in0", "4x4_in1"])
+    by_index = SkipLayers(blocks="unet.dec", layers=[0, 1])
+    drop = BlockDrop(1.0, where=["unet.dec.4x4_in0", "unet.dec.4x4_in1"], path="input")
+    assert [n for n, _ in by_key.sites(net)] == ["unet.dec.4x4_in0", "unet.dec.4x4_in1"]
+    with torch.no_grad():
+        outs = [ag.perturbation_guidance(net, 2.0, p)(x, sigma, labels) for p in (by_key, by_index, drop)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(SiteError, match=r"\['nope'\] not in unet.dec: it has 9 blocks \(4x4_in0"):
+        SkipLayers(blocks="unet.dec", layers=["nope"]).sites(net)

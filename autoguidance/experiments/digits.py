@@ -58,7 +58,7 @@ from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, pl
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
            "run_guides", "run_floor", "run_late", "late_sites", "bottleneck_blocks",
-           "lowest_encoder_blocks", "TABLE_PERTURBATIONS", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
+           "lowest_encoder_blocks", "skip_bottleneck", "TABLE_PERTURBATIONS", "run_experiment", "quantize_weights", "DIGITS_WEIGHTS", "METRICS", "EXPERIMENTS",
            "NOTES"]
 
 DIGITS_WEIGHTS = DIGITS.weights
@@ -284,6 +284,13 @@ def bottleneck_blocks(net: torch.nn.Module) -> list[str]:
     return [f"unet.dec.{r}_in0", f"unet.dec.{r}_in1"]
 
 
+def skip_bottleneck(net: torch.nn.Module):
+    """Skip-layer guidance on an EDM2 U-Net: its two bottleneck blocks return their input in the guide pass."""
+    from ..perturb import SkipLayers
+
+    return SkipLayers(blocks="unet.dec", layers=[b.rsplit(".", 1)[1] for b in bottleneck_blocks(net)])
+
+
 def lowest_encoder_blocks(net: torch.nn.Module) -> list[str]:
     """The encoder's blocks at the lowest resolution (TPG shuffles their output tokens)."""
     r = _lowest(net)
@@ -294,12 +301,12 @@ def _perturbation(kind: str, strength: float, net: Optional[torch.nn.Module] = N
     """A perturbation by short name at `strength`: 'tpg' and 'skiplayer' on `net`'s lowest-resolution blocks (as
     the free-guides head-to-head), the others via `methods.make_perturbation` (its default sites)."""
     from ..methods import make_perturbation
-    from ..perturb import BlockDrop, TokenShuffle
+    from ..perturb import TokenShuffle
 
     if kind == "tpg":
         return TokenShuffle(where=lowest_encoder_blocks(net))
     if kind == "skiplayer":
-        return BlockDrop(strength, where=bottleneck_blocks(net), path="input")
+        return skip_bottleneck(net)
     return make_perturbation(_ALIASES.get(kind, kind), strength)
 
 

@@ -426,9 +426,9 @@ def _strength(p: dict):
 
 def digits_perturbation(p: dict, net: torch.nn.Module):
     """The free guide's perturbation of a digits row (`p['kind']`, `p['strength']`) on the U-Net `net` (TPG and
-    skip-layer act on its lowest-resolution blocks: `digits.lowest_encoder_blocks`, `digits.bottleneck_blocks`)."""
+    skip-layer act on its lowest-resolution blocks: `digits.lowest_encoder_blocks`, `digits.skip_bottleneck`)."""
     from ..perturb import BlockDrop, IdentityAttention, SmoothedAttention, TokenShuffle
-    from .digits import bottleneck_blocks, lowest_encoder_blocks
+    from .digits import lowest_encoder_blocks, skip_bottleneck
 
     kind, s = p["kind"], _strength(p)
     if kind == "dropout":
@@ -446,7 +446,7 @@ def digits_perturbation(p: dict, net: torch.nn.Module):
     if kind == "tpg":
         return TokenShuffle(where=lowest_encoder_blocks(net))
     if kind == "skiplayer":
-        return BlockDrop(s, where=bottleneck_blocks(net), path="input")
+        return skip_bottleneck(net)
     if kind == "selfguidance":
         return NoisierLevel(s)
     raise ValueError(f"unknown digits free guide {kind!r}")
@@ -512,7 +512,7 @@ def digits_guides() -> list[DigitsGuide]:
                     {"kind": "tpg", "strength": 1.0}),
         DigitsGuide("skiplayer", "skip-layer: the 2 bottleneck blocks return their input", _b_free,
                     {"kind": "skiplayer", "strength": 1.0},
-                    note="BlockDrop(p=1, path='input') on dec.4x4_in0/in1 (SkipLayers needs a ModuleList)"),
+                    note="SkipLayers(blocks='unet.dec', layers=['4x4_in0', '4x4_in1'])"),
         DigitsGuide("selfguidance", "self-guidance: told 1.2 sigma", _b_free, {"kind": "selfguidance", "strength": 0.2}),
         DigitsGuide("sg-prev", "SG-prev: the previous step's prediction", _b_sgprev, {}, passes=1),
         DigitsGuide("none-dropout", "S trained with dropout 0.1, no guidance", None, {}, main="s-dropout-T", passes=1,

@@ -40,17 +40,20 @@ class SkipLayers(Perturbation):
     """Skip-layer guidance: in the degraded rows, the blocks `layers` (indices into the block list `blocks`)
     return their input unchanged (`SkipLayers(layers=[7, 8, 9])`: SD3.5's SLG). Deterministic. `blocks` is the path
     of a `ModuleList` of blocks; default: `transformer_blocks` (DiT, SD3, PixArt, Flux's double blocks), else the
-    model's only block list. Tuple-returning blocks need a rule (`register_block_inputs`; MMDiT's
-    `JointTransformerBlock` comes with the diffusers adapter)."""
+    model's only block list. A `ModuleDict` of blocks (EDM2's `unet.dec`) works when named by `blocks=`, with
+    `layers` as its keys or as indices in its order (`SkipLayers(blocks="unet.dec", layers=["4x4_in0", "4x4_in1"])`).
+    Tuple-returning blocks need a rule (`register_block_inputs`; MMDiT's `JointTransformerBlock` comes with the
+    diffusers adapter)."""
 
     layers: Sequence[int] = ()
     blocks: Optional[str] = None
     name = "skip layers"
 
     def __post_init__(self):
-        layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
-        if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-            raise ValueError(f"SkipLayers needs layers=[block indices], e.g. layers=[7, 8, 9]; got {self.layers!r}")
+        layers = [self.layers] if isinstance(self.layers, (int, str)) else list(self.layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in layers):
+            raise ValueError(f"SkipLayers needs layers=[block indices] (or keys of a ModuleDict), e.g. "
+                             f"layers=[7, 8, 9]; got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(layers))
 
     def _block_list(self, model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -62,9 +65,10 @@ class SkipLayers(Perturbation):
                 hits = [n for n in modules if n.endswith("." + path)]
                 path = hits[0] if len(hits) == 1 else path
             m = modules.get(path)
-            if not isinstance(m, torch.nn.ModuleList):
-                raise SiteError(f"SkipLayers blocks={self.blocks!r} is not a ModuleList of {type(model).__name__}; "
-                                f"its block lists: {', '.join(f'{n} ({k})' for n, k in cands) or 'none'}")
+            if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                raise SiteError(f"SkipLayers blocks={self.blocks!r} is not a ModuleList or ModuleDict of "
+                                f"{type(model).__name__}; its block lists: "
+                                f"{', '.join(f'{n} ({k})' for n, k in cands) or 'none'}")
             return path, m
         names = [n for n, _ in cands]
         pick = next((n for n in names if n.rsplit(".", 1)[-1] == "transformer_blocks"), None)
@@ -76,12 +80,20 @@ class SkipLayers(Perturbation):
         return pick, modules[pick]
 
     def sites(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        path, lst = self._block_list(model)
-        bad = [i for i in self.layers if not -len(lst) <= i < len(lst)]
+        path, blocks = self._block_list(model)
+        keys = list(blocks.keys()) if isinstance(blocks, torch.nn.ModuleDict) else list(range(len(blocks)))
+        named = [i for i in self.layers if isinstance(i, str)]
+        if named and not isinstance(blocks, torch.nn.ModuleDict):
+            raise SiteError(f"SkipLayers layers {named}: {path} is a ModuleList, so layers are indices "
+                            f"(0..{len(blocks) - 1})")
+        bad = [i for i in self.layers if (i not in keys) if isinstance(i, str)] + \
+              [i for i in self.layers if isinstance(i, int) and not -len(keys) <= i < len(keys)]
         if bad:
-            raise SiteError(f"SkipLayers layers {bad} out of range: {path} has {len(lst)} blocks (layers=[0..{len(lst) - 1}])")
-        idx = sorted({i % len(lst) for i in self.layers})
-        return [(f"{path}.{i}", lst[i]) for i in idx]
+            raise SiteError(f"SkipLayers layers {bad} not in {path}: it has {len(keys)} blocks"
+                            + (f" ({', '.join(map(str, keys))})" if named or isinstance(blocks, torch.nn.ModuleDict)
+                               else f" (layers=[0..{len(keys) - 1}])"))
+        idx = sorted({keys.index(i) if isinstance(i, str) else i % len(keys) for i in self.layers})
+        return [(f"{path}.{keys[i]}", blocks[keys[i]]) for i in idx]
 
     def _hooks(self, model, rows, keys, sigma):
         sites = self.sites(model)
