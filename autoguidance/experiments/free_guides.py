@@ -279,7 +279,7 @@ from autoguidance.perturb import SmoothedAttention, TokenShuffle, NoisierLevel
 from autoguidance.guides import PreviousStepGuidance, SlidingWindow
 
 D = ag.perturbation_guidance(net, 2.0, SmoothedAttention(s=10.0))          # SEG: queries blurred, width s tokens
-D = ag.perturbation_guidance(net, 2.0, TokenShuffle(where="unet.enc.*"))   # TPG: tokens of chosen blocks shuffled
+D = ag.perturbation_guidance(net, 2.0, TokenShuffle(where="unet.enc.*_block?"))  # TPG: the encoder blocks' tokens shuffled
 D = ag.perturbation_guidance(net, 2.0, NoisierLevel(0.2))                  # self-guidance: D(x; 1.2 sigma)
 D = PreviousStepGuidance(net, 2.0)                                         # SG-prev: no extra pass, per-image state
 D = ag.autoguidance(net, SlidingWindow(net, window=16, stride=8), 2.0)     # SWG: the net on stitched crops

@@ -46,7 +46,7 @@ class TokenShuffle(Perturbation):
                              "candidates with autoguidance.perturb.list_sites(model)")
         return find_sites(model, self.where)
 
-    def _tokens_view(self, t: torch.Tensor) -> tuple[torch.Tensor, callable]:
+    def _tokens_view(self, t: torch.Tensor, path: str = "") -> tuple[torch.Tensor, callable]:
         """`t [M, ...]` -> (`[M, L, F]` tokens first, inverse reshaping)."""
         if self.token_axis is not None:
             ax = int(self.token_axis)
@@ -58,8 +58,10 @@ class TokenShuffle(Perturbation):
             return t.reshape(m, c, h * w).transpose(1, 2), lambda u: u.transpose(1, 2).reshape(m, c, h, w)
         if t.ndim == 3:
             return t, lambda u: u
-        raise ValueError(f"token shuffle: cannot tell the token axis of a {t.ndim}-D output {list(t.shape)}; "
-                         "a flat feature vector has no tokens (pass token_axis= to force one)")
+        raise ValueError(f"token shuffle at {path!r}: cannot tell the token axis of its {t.ndim}-D output "
+                         f"{list(t.shape)}; a flat feature vector has no tokens. Choose blocks, not their layers "
+                         f"(a glob like 'x.*' also matches submodules: list the blocks with "
+                         f"autoguidance.perturb.list_sites(model)), or pass token_axis= to force one")
 
     def _hooks(self, model, rows, keys, sigma):
         sites = self.sites(model)
@@ -72,7 +74,7 @@ class TokenShuffle(Perturbation):
         for i, (path, module) in enumerate(sites):
             def hook(mod, args, out, i=i, path=path):
                 first = out if isinstance(out, torch.Tensor) else out[0]
-                tok, back = self._tokens_view(degraded.take(first))
+                tok, back = self._tokens_view(degraded.take(first), path)
                 perm = token_permutations(row_keys, tok.shape[1], i).to(tok.device)
                 shuffled = torch.gather(tok, 1, perm[:, :, None].expand(-1, -1, tok.shape[2]))
                 new = degraded.put(first, back(shuffled).to(first.dtype))
