@@ -129,3 +129,19 @@ def test_stored_evaluations_are_read_back_and_never_mixed(weights, tmp_path, mon
     lab = Lab(s, other, progress=False, data=MNIST14, store=store)
     run_experiment("table", tmp_path / "d", s, methods=["auto"], lab=lab)
     assert json.loads(victim.read_text())["metrics"]["fd"] >= 0
+
+
+def test_mnist_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
+    """`autoguidance mnist all --quick` (the regeneration command of docs/mnist.md in CI mode): every network the
+    tables name ships, and every experiment writes its table."""
+    from autoguidance.experiments.digits import EXPERIMENTS
+
+    out = tmp_path / "q"
+    assert main(["mnist", "all", "--quick", "--n", "10", "--steps", "1", "--out", str(out), "--quiet",
+                 "--no-store"]) == 0
+    for name in EXPERIMENTS:
+        assert (out / f"mnist_{name}.md").read_text().startswith("# "), name
+    rows = {r["key"]: r for r in json.loads((out / "mnist_table.json").read_text())["rows"]}
+    assert {"cfg", "cfg-interval", "auto", "tpg", "skiplayer", "cfg+auto", "insitu-dropout", "uncond-auto"} <= set(rows)
+    assert rows["uncond-none"]["label"] == "unconditional S, no guidance"
+    assert not (out / ".evaluations").exists()
