@@ -145,3 +145,6 @@ def test_mnist_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
     assert {"cfg", "cfg-interval", "auto", "tpg", "skiplayer", "cfg+auto", "insitu-dropout", "uncond-auto"} <= set(rows)
     assert rows["uncond-none"]["label"] == "unconditional S, no guidance"
     assert not (out / ".evaluations").exists()
+    guides = json.loads((out / "mnist_guides.json").read_text())["rows"]
+    for r in guides[1:]:   # MNIST's guide-length study keeps one guide EMA (the main table's autoguidance choice)
+        assert len({q["params"]["guide"].rsplit("ema", 1)[1] for q in r["sweep"]}) == 1, r["key"]

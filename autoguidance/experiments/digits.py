@@ -539,11 +539,14 @@ def run_guides(lab: Lab) -> list[Row]:
     T/3.5 for XXL)."""
     main, _ = choose_main(lab, "s-T")
     W = _ws(lab)
+    emas = lab.s.emas
+    if not lab.data.guides_tune_ema:   # the guide EMA of the main table's autoguidance row, for every snapshot
+        emas = (lab.tune("auto", _b_auto, _auto_grid(lab, main))["best"]["guide"].rsplit("ema", 1)[1],)
     rows = [Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
                 lab_key="none:s-T")]
     for snap in GUIDE_LENGTHS:
         prefix = f"xs-{snap}"
-        res = lab.tune(f"guide:{snap}", _b_auto, lab.grid(main=[main], guide=_guide_names(lab, prefix), w=W))
+        res = lab.tune(f"guide:{snap}", _b_auto, lab.grid(main=[main], guide=[f"{prefix}-ema{e}" for e in emas], w=W))
         res["guide_alone"] = lab.heldout(f"none:{prefix}", _b_none, {"main": res["best"]["guide"]})
         label = "T" if snap == "T" else f"T/{snap[1:]}"
         rows.append(Row(f"guide:{snap}", f"autoguidance, XS guide at {label}", res,
@@ -664,7 +667,7 @@ NOTES = {
     "failures": "Each guide at its best w on the same S main; compare with the first row.",
     "schedules": "Each schedule at its best peak w; guide EMA 0.150; in-situ p = 0.1.",
     "guides": "The S main at T guided by snapshots of ONE XS training run (T = {T} iterations), each at its best w "
-              "and guide EMA; 'guide alone' is that guide sampled without guidance on the same seeds. dFD is "
+              "and {guide_ema}; 'guide alone' is that guide sampled without guidance on the same seeds. dFD is "
               "against the unguided main.",
     "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all {n_train} in one "
              "row), against the same test split, beside the unguided main and the main table's best CFG and "
@@ -684,7 +687,9 @@ def experiment_text(name: str, data: ImageSet = DIGITS) -> tuple[str, str, str]:
     n_train = len(data.load("train"))
     large = (f"; the last three rows repeat the models at N = {n_train} per seed set (seeds s * 10^6 + [0, {n_train}), "
              f"extending the N = 300 sets)" if data.floor_large else "")
-    note = NOTES[name].format(T=data.train_iters, n_train=n_train, large=large)
+    guide_ema = ("guide EMA" if data.guides_tune_ema else
+                 "the guide EMA length the main table's autoguidance row chose (one EMA: half the cost)")
+    note = NOTES[name].format(T=data.train_iters, n_train=n_train, large=large, guide_ema=guide_ema)
     return stem.replace("digits", data.prefix, 1), title.replace("digits", data.noun), note
 
 
