@@ -101,6 +101,7 @@ class Lab:
         self.progress = progress
         self._nets: dict[str, torch.nn.Module] = {}
         self.cache: dict[str, dict] = {}
+        self._digests: dict[Path, str] = {}         # checkpoint folder -> its weights' sha256 (store keys)
         self.timing: dict[str, float] = {}          # seconds per evaluation (kept out of the numbers)
         self.samples: dict[str, torch.Tensor] = {}  # evaluation -> its first 100 images (first held-out set only)
         self.images: dict[str, torch.Tensor] = {}   # row key -> the samples of its reported parameters
@@ -123,11 +124,13 @@ class Lab:
         return json.dumps([build.__qualname__, params, seed_set, self.s.n, self.s.num_steps], sort_keys=True)
 
     def _digest(self, path: Path) -> str:
-        """A checkpoint's identity: the sha256 of its weights recorded in its config.json (else of the config)."""
-        cfg = path / "config.json"
-        if not cfg.exists():
-            return "missing"
-        return json.loads(cfg.read_text()).get("sha256") or hashlib.sha256(cfg.read_bytes()).hexdigest()
+        """A checkpoint's identity: the sha256 of its weights recorded in its config.json (else of the config);
+        read once per path."""
+        if path not in self._digests:
+            cfg = path / "config.json"
+            self._digests[path] = ("missing" if not cfg.exists() else
+                                   json.loads(cfg.read_text()).get("sha256") or hashlib.sha256(cfg.read_bytes()).hexdigest())
+        return self._digests[path]
 
     def _store_name(self, ck: str, params: dict, conditional: bool) -> str:
         """The stored evaluation's file stem: a digest of the evaluation's identity, the image set, the checkpoints

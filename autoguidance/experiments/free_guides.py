@@ -426,11 +426,13 @@ def _strength(p: dict):
 
 def digits_perturbation(p: dict, net: torch.nn.Module):
     """The free guide's perturbation of a digits row (`p['kind']`, `p['strength']`) on the U-Net `net` (TPG and
-    skip-layer act on its lowest-resolution blocks: `digits.lowest_encoder_blocks`, `digits.skip_bottleneck`)."""
-    from ..perturb import BlockDrop, IdentityAttention, SmoothedAttention, TokenShuffle
-    from .digits import lowest_encoder_blocks, skip_bottleneck
+    skip-layer act on its lowest-resolution blocks, as the image tables build them: `digits._perturbation`)."""
+    from ..perturb import BlockDrop, IdentityAttention, SmoothedAttention
+    from .digits import _perturbation
 
     kind, s = p["kind"], _strength(p)
+    if kind in ("tpg", "skiplayer"):     # built where the image tables build them (no strength)
+        return _perturbation(kind, s, net)
     if kind == "dropout":
         return Dropout(s)
     if kind == "blockdrop":
@@ -443,10 +445,6 @@ def digits_perturbation(p: dict, net: torch.nn.Module):
         return IdentityAttention(s)
     if kind == "seg":
         return SmoothedAttention(s)
-    if kind == "tpg":
-        return TokenShuffle(where=lowest_encoder_blocks(net))
-    if kind == "skiplayer":
-        return skip_bottleneck(net)
     if kind == "selfguidance":
         return NoisierLevel(s)
     raise ValueError(f"unknown digits free guide {kind!r}")
