@@ -132,7 +132,7 @@ def library_denoiser(method: str, nets: dict):
     if method == "insitu":
         return ag.insitu(net, W, P)
     if method.startswith(("insitu-last", "insitu-decoder")):
-        from autoguidance.experiments.digits import late_sites
+        from autoguidance.experiments.image_tables import late_sites
         sites = late_sites(net, method.split("-")[1])
         return ag.insitu(net, W, P, where=sites, share_prefix=method.endswith("-shared"))
     raise ValueError(method)

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from autoguidance.experiments.digits import FULL, Lab, _b_none, _real_runs
+from autoguidance.experiments.image_tables import FULL, Lab, _b_none, _real_runs
 from autoguidance.experiments.image_sets import MNIST14
 
 

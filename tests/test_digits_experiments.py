@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoguidance.checkpoint import save
-from autoguidance.experiments.digits import DIGITS_WEIGHTS, Lab, Settings, quantize_weights, run_experiment
+from autoguidance.experiments.image_tables import DIGITS_WEIGHTS, Lab, Settings, quantize_weights, run_experiment
 from autoguidance.nets import DigitsClassifier
 from autoguidance.nets.edm2 import EDM2Precond
 from autoguidance.train.edm import digits_net_config
@@ -96,8 +96,8 @@ def test_floor_measures_real_images_like_samples(weights, tmp_path):
 
 
 def test_paired_delta_and_render(tmp_path, weights):
-    from autoguidance.cli.digits import render
-    from autoguidance.experiments.digits_report import paired_delta
+    from autoguidance.cli.image_tables import render
+    from autoguidance.experiments.image_tables_report import paired_delta
 
     a = {"runs": [{"fd": 10.0}, {"fd": 14.0}, {"fd": 12.0}]}
     b = {"runs": [{"fd": 11.0}, {"fd": 15.5}, {"fd": 12.5}]}

@@ -3,7 +3,7 @@ schedule study end to end on a subset of rows (QUICK settings: 40 images, 4 step
 import json
 
 from autoguidance.cli import main
-from autoguidance.experiments.digits import bottleneck_blocks, lowest_encoder_blocks
+from autoguidance.experiments.image_tables import bottleneck_blocks, lowest_encoder_blocks
 from autoguidance.experiments.free_guides import digits_guides, digits_perturbation
 
 

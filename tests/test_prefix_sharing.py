@@ -148,7 +148,7 @@ def test_sharing_keeps_masks_of_the_plain_dropout():
 
 
 def test_late_site_variants_of_the_digits_study():
-    from autoguidance.experiments.digits import late_sites
+    from autoguidance.experiments.image_tables import late_sites
 
     net = _digits_net()
     every = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout)]

@@ -5,7 +5,7 @@
     autoguidance toy compat                    exact compatibility of each guide: cos(D_good - D_bad, D_true - D_good)
     autoguidance models                        list the shipped checkpoints and the commands that made them
     autoguidance sample | metrics | sweep      many samples, their metrics, grids of settings (torchrun-ready)
-    autoguidance train | digits                EDM2-style U-Nets on real digits, and the papers' tables on them
+    autoguidance train | digits | mnist | fashion   EDM2-style U-Nets on real images, and the papers' tables on them
     autoguidance sites | presets | import-edm2 where perturbations can go; the papers' EDM2 configurations
 
 Each subcommand lives in its own module of this package, which provides `add_parser(subparsers)`; the parser it adds sets
@@ -27,7 +27,7 @@ import zipfile
 __all__ = ["main"]
 
 
-SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "import_edm2", "presets", "sites", "sample", "metrics",
+SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "fashion", "import_edm2", "presets", "sites", "sample", "metrics",
                "sweep", "free_guides", "pipe"]
 
 

@@ -1,8 +1,8 @@
-"""`autoguidance mnist ...`: the papers' tables on MNIST at 14x14, with the digits tables' protocol (cli/digits.py)."""
+"""`autoguidance mnist ...`: the papers' tables on MNIST at 14x14, with the image tables' protocol (cli/image_tables.py)."""
 from __future__ import annotations
 
 from ..experiments.image_sets import MNIST14
-from .digits import add_image_set_parser
+from .image_tables import add_image_set_parser
 
 __all__ = ["add_parser"]
 

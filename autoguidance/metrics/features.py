@@ -40,9 +40,11 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(net: DigitsClassifier, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(features [N, dim], logits [N, classes])` of images `[N, 1, 8, 8]`, in eval mode, clamped to [-1, 1]."""
+def extract(net: torch.nn.Module, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`(features [N, dim], logits [N, classes])` of images `[N, 1, R, R]`, in eval mode, clamped to [-1, 1];
+    logits are None for a feature net without a classifier head (the self-supervised encoder)."""
     was = net.training
+    head = getattr(net, "head", None)
     net.eval()
     try:
         fs, ls = [], []
@@ -50,8 +52,9 @@ def extract(net: DigitsClassifier, images: torch.Tensor, batch: int = 1024) -> t
             x = images[a:a + batch].clamp(-1, 1)
             f = net.features(x)
             fs.append(f)
-            ls.append(net.head(f))
-        return torch.cat(fs), torch.cat(ls)
+            if head is not None:
+                ls.append(head(f))
+        return torch.cat(fs), (torch.cat(ls) if head is not None else None)
     finally:
         net.train(was)
 
@@ -64,7 +67,7 @@ def train_feature_net(
     seed: int = 0,
     progress: bool = True,
     meta: Optional[dict] = None,
-    data: str = "digits",      # 'digits' (8x8) or 'mnist14' (MNIST at 14x14)
+    data: str = "digits",      # 'digits' (8x8), 'mnist14' (MNIST at 14x14) or 'fashion28' (Fashion-MNIST, 28x28)
 ) -> DigitsClassifier:
     """Train the classifier on a train split (1-pixel random shifts); its test accuracy goes in the meta."""
     import tqdm
@@ -75,8 +78,11 @@ def train_feature_net(
     elif data == "mnist14":
         from ..data.mnist import load_mnist
         train, test = load_mnist("train", resolution=14), load_mnist("test", resolution=14)
+    elif data == "fashion28":
+        from ..data.fashion import load_fashion
+        train, test = load_fashion("train"), load_fashion("test")
     else:
-        raise ValueError(f"unknown dataset {data!r}: expected 'digits' or 'mnist14'")
+        raise ValueError(f"unknown dataset {data!r}: expected 'digits', 'mnist14' or 'fashion28'")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = DigitsClassifier(resolution=train.images.shape[-1])

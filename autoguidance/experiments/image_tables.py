@@ -17,8 +17,8 @@ Protocol (the same for every row; Karras et al. 2024, Sec. 5, at digits scale):
   is chosen once, by FD without guidance) is swept on seed set 0, the best by FD is kept, and the reported
   numbers are mean and spread (std) over the held-out seed sets 1, 2, 3, never the set used for tuning.
 
-Commands (`digits_cli.py`; each writes PNG figures, a Markdown table and a JSON record to --out; `--quick` = few
-samples, for CI; the tables and figures are made by `digits_report.py`):
+Commands (`cli/image_tables.py`; each writes PNG figures, a Markdown table and a JSON record to --out; `--quick` = few
+samples, for CI; the tables and figures are made by `image_tables_report.py`):
 
     autoguidance digits table          the main table, the sweep figure (FD against w), the sample grids
     autoguidance digits degradations   Karras et al.'s synthetic-degradation table (dropout, input noise)
@@ -53,7 +53,7 @@ from ..metrics.prdc import prdc
 from ..sampling import generate
 from ..schedules import Interval, Ramp, as_schedule
 from .image_sets import DIGITS, ImageSet
-from .digits_report import Row, costs_md, extra_cols, fmt_params, plot_grids, plot_sweeps, row_json, table_md, \
+from .image_tables_report import Row, costs_md, extra_cols, fmt_params, plot_grids, plot_sweeps, row_json, table_md, \
     training_costs
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
@@ -97,7 +97,26 @@ class Lab:
         self.weights = Path(weights) if weights is not None else data.weights
         self.features_path = Path(features) if features is not None else self.weights / "features"
         self.feature_net = load_feature_net(self.features_path)
-        self.ref = extract(self.feature_net, data.load("test").images)[0]   # the test split's features
+        test = data.load("test").images
+        self.ref = extract(self.feature_net, test)[0]   # the test split's features
+        #: precision/recall/density/coverage against a fixed test subset of N images where the set asks for it (the
+        #: same N as the samples, as Kynkaanniemi et al. compare sets); FD always against the whole test split
+        self.prdc_idx = (torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:settings.n]
+                         if data.prdc_matched and len(test) > settings.n else None)
+        #: the further feature spaces `(prefix, net, reference features, identity)` (`ImageSet.spaces`)
+        self.spaces: list[tuple] = []
+        for prefix, folder in data.spaces[1:]:
+            if folder is None:
+                from ..metrics.pixels import PixelPCA
+                net = PixelPCA.fit(data.load("train").images, dim=32)
+                ident = f"pixel-pca32:{net.digest()}"
+            else:
+                path = self.weights / folder
+                if not (path / "config.json").exists():
+                    raise FileNotFoundError(f"{data.noun} feature net {folder!r} is missing from {self.weights}: train "
+                                            f"it with `autoguidance {data.prefix} {folder}` (see docs)")
+                net, ident = load_feature_net(path), self._digest(path)
+            self.spaces.append((prefix, net, extract(net, test)[0], ident))
         self.progress = progress
         self._nets: dict[str, torch.nn.Module] = {}
         self.cache: dict[str, dict] = {}
@@ -138,6 +157,8 @@ class Lab:
         nets = {k: self._digest(self.weights / v) for k, v in sorted(params.items())
                 if k in ("main", "guide", "uncond") and isinstance(v, str)}
         ident = [ck, conditional, self.data.prefix, nets, self._digest(self.features_path), self.s.batch]
+        if self.spaces or self.prdc_idx is not None:    # absent for the digits and MNIST: their stored keys stand
+            ident.append([[p, i] for p, _, _, i in self.spaces] + [self.prdc_idx is not None])
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
     def _load_stored(self, name: str, want_samples: bool) -> Optional[tuple[dict, float, Optional[torch.Tensor]]]:
@@ -198,10 +219,19 @@ class Lab:
         return rec
 
     def measure(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None) -> dict:
-        """The metrics of images `x` `[N, *data.shape]` against the test split (accuracy when `classes` is given)."""
+        """The metrics of images `x` `[N, *data.shape]` against the test split (accuracy when `classes` is given), in
+        every feature space of the image set (the further ones prefixed: 'ssl_fd', 'pix_precision', ...)."""
         f, logits = extract(self.feature_net, x)
-        return {"fd": frechet_distance_features(self.ref, f), **prdc(self.ref, f, 3, 5),
-                "accuracy": float((logits.argmax(1) == classes).float().mean()) if classes is not None else None}
+        rec = {"fd": frechet_distance_features(self.ref, f), **prdc(self._prdc_ref(self.ref), f, 3, 5),
+               "accuracy": float((logits.argmax(1) == classes).float().mean()) if classes is not None else None}
+        for prefix, net, ref, _ in self.spaces:
+            g = extract(net, x)[0]
+            rec.update({f"{prefix}_{k}": v for k, v in
+                        {"fd": frechet_distance_features(ref, g), **prdc(self._prdc_ref(ref), g, 3, 5)}.items()})
+        return rec
+
+    def _prdc_ref(self, ref: torch.Tensor) -> torch.Tensor:
+        return ref if self.prdc_idx is None else ref[self.prdc_idx]
 
     # -- sweep on the tuning set, then the held-out sets ------------------------------------------------------------
     def tune(self, key: str, build: Callable, grid: list[dict], conditional: bool = True) -> dict:
@@ -216,12 +246,7 @@ class Lab:
     def heldout(self, key: str, build: Callable, params: dict, conditional: bool = True) -> dict:
         runs = [self.evaluate(key, build, params, s, conditional) for s in self.s.eval_sets]
         self.images[key] = self.samples.get(self._ck(build, params, self.s.eval_sets[0]))
-        mean, std = {}, {}
-        for m in METRICS:
-            vals = [r[m] for r in runs if r[m] is not None]
-            mean[m] = float(np.mean(vals)) if vals else None
-            std[m] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
-        return {"params": params, "mean": mean, "std": std, "runs": runs}
+        return {"params": params, **mean_std(runs), "runs": runs}
 
     def grid(self, **axes) -> list[dict]:
         """Cartesian product of named axes, in order: `grid(w=[..], guide=[..])`."""
@@ -229,6 +254,18 @@ class Lab:
         for name, values in axes.items():
             out = [dict(p, **{name: v}) for p in out for v in values]
         return out
+
+
+def mean_std(runs: list[dict]) -> dict:
+    """`{'mean': {metric}, 'std': {metric}}` over the runs (std with ddof 1; 0 for one run; None where a metric is
+    None), for every metric of the runs: `METRICS` first, then a set's further feature spaces ('ssl_fd', ...)."""
+    keys = list(METRICS) + [k for k in runs[0] if k not in METRICS]
+    mean, std = {}, {}
+    for m in keys:
+        vals = [r[m] for r in runs if r.get(m) is not None]
+        mean[m] = float(np.mean(vals)) if vals else None
+        std[m] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
+    return {"mean": mean, "std": std}
 
 
 # -- denoisers of the rows ------------------------------------------------------------------------------------------
@@ -557,18 +594,25 @@ def run_guides(lab: Lab) -> list[Row]:
     return rows
 
 
+#: the most real images the one-set floor row measures (the metrics hold all pairwise distances of a set in memory)
+REAL_ALL_MAX = 10_000
+
+
 def _real_runs(lab: Lab, n: Optional[int]) -> dict:
     """Real training images through the metrics: per held-out seed set s, `n` images drawn without replacement
-    by a generator seeded with s (all 1297 when n is None, one run)."""
+    by a generator seeded with s (when n is None, one run of every training image, at most `REAL_ALL_MAX` of them:
+    a fixed random subset of a larger split)."""
     d = lab.data.load("train")
     runs = []
     for seed_set in (lab.s.eval_sets if n is not None else (0,)):
-        idx = (torch.randperm(len(d), generator=torch.Generator().manual_seed(seed_set))[:n] if n is not None
-               else torch.arange(len(d)))
+        if n is not None:
+            idx = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed_set))[:n]
+        elif len(d) > REAL_ALL_MAX:
+            idx = torch.randperm(len(d), generator=torch.Generator().manual_seed(0))[:REAL_ALL_MAX]
+        else:
+            idx = torch.arange(len(d))
         runs.append(lab.measure(d.images[idx], d.classes[idx]))
-    mean = {m: float(np.mean([r[m] for r in runs])) for m in METRICS}
-    std = {m: float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for m in METRICS}
-    return {"params": {"n": n if n is not None else len(d)}, "mean": mean, "std": std, "runs": runs}
+    return {"params": {"n": n if n is not None else min(len(d), REAL_ALL_MAX)}, **mean_std(runs), "runs": runs}
 
 
 def _floor_methods(lab: Lab, main: str) -> tuple:
@@ -593,7 +637,8 @@ def run_floor(lab: Lab) -> list[Row]:
     real_all = _real_runs(lab, None)
     rows = [Row("real", f"real {lab.data.noun}: {lab.s.n} training images per seed set", _real_runs(lab, lab.s.n),
                 "FID of real data: 0 by construction", group="real"),
-            Row("real-all", f"real {lab.data.noun}: all {real_all['params']['n']} training images (one set)",
+            Row("real-all", f"real {lab.data.noun}: {'all ' if real_all['params']['n'] == len(lab.data.load('train')) else ''}"
+                f"{real_all['params']['n']} training images (one set)",
                 real_all, "", group="real-all"),
             Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
                 group="models", lab_key="none:s-T")]

@@ -1,6 +1,6 @@
-"""Outputs of the image-table experiments (digits, MNIST): result rows, Markdown tables, sweep and sample figures, training costs.
+"""Outputs of the image-table experiments (digits, MNIST, Fashion-MNIST): result rows, Markdown tables, sweep and sample figures, training costs.
 
-`autoguidance.experiments.digits` runs the experiments and hands its rows here; nothing in this module samples.
+`autoguidance.experiments.image_tables` runs the experiments and hands its rows here; nothing in this module samples.
 """
 from __future__ import annotations
 

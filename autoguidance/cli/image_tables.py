@@ -1,0 +1,198 @@
+"""The command line of the image-table experiments on one image set (`autoguidance digits|mnist|fashion ...`:
+cli/digits.py, cli/mnist.py, cli/fashion.py), and the manifest of its checkpoints."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import WEIGHTS_DIR
+from ..runs.files import write_json, write_text
+from ..experiments.image_tables import EXPERIMENTS, FULL, QUICK, Lab, Settings, experiment_text, run_experiment
+from ..experiments.image_tables_report import Row, costs_md, extra_cols, table_md
+from ..experiments.image_sets import DIGITS, ImageSet
+
+__all__ = ["add_image_set_parser", "render", "write_manifest"]
+
+
+def render(out, data: ImageSet = DIGITS) -> list[str]:
+    """Re-write every `<prefix>_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
+    out = Path(out)
+    done = []
+    for name in EXPERIMENTS:
+        stem, title, note = experiment_text(name, data)
+        path = out / f"{stem}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        rows = [Row(r["key"], r["label"], {k: v for k, v in r.items() if k not in ("key", "label", "paper", "group")},
+                    r["paper"], r["group"]) for r in rec["rows"]]
+        md = table_md(rows, title, note, Settings(**{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in rec["settings"].items()}),
+                      extra_cols(name), fd_name=data.fd_name)
+        if name == "table":
+            md += costs_md(rec.get("training_costs", {}))
+        write_text(out / f"{stem}.md", md)
+        done.append(stem)
+    return done
+
+
+# -- the manifest --------------------------------------------------------------------------------------------------
+
+_DESCRIPTIONS = {
+    "s": "EDM2-style S U-Net (142k params), conditional, digits 8x8",
+    "xs": "EDM2-style XS U-Net (63k params), conditional, digits 8x8",
+    "mnist:s": "EDM2-style S U-Net (252k params), conditional, MNIST 14x14",
+    "mnist:xs": "EDM2-style XS U-Net (142k params), conditional, MNIST 14x14",
+    "xs-uncond": "EDM2-style XS U-Net, unconditional (CFG guide at T, unconditional autoguide at T/16)",
+    "s-dropout": "EDM2-style S U-Net trained with dropout 0.1 (in-situ guidance on a net that saw dropout)",
+    "s-uncond": "EDM2-style S U-Net, unconditional (main of the unconditional rows)",
+    "xs-half": "EDM2-style XS U-Net trained on half the train split ('less data' guide)",
+}
+
+
+def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
+    """Add every checkpoint folder of `folder` (default: the image set's weights) to weights/manifest.json as
+    `<prefix>-<subfolder>`, with a description and the command that made it."""
+    folder = Path(folder) if folder is not None else data.weights
+    what = {"digits": "digits 8x8", "mnist": "MNIST 14x14"}.get(data.prefix, data.noun)
+    manifest_path = WEIGHTS_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
+    count = 0
+    for cfg_file in sorted(folder.glob("*/config.json")):
+        cfg_json = json.loads(cfg_file.read_text())
+        sub = cfg_file.parent.name
+        meta = cfg_json.get("meta", {})
+        if cfg_json["family"] == "digits-features":
+            desc = (f"{data.noun} feature network (CNN classifier; test accuracy "
+                    f"{meta.get('test_accuracy', 0):.3f})")
+        else:
+            stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
+            when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"
+            known = _DESCRIPTIONS.get(f"{data.prefix}:{stem}", _DESCRIPTIONS.get(stem, stem))
+            desc = (f"{known.replace('digits 8x8', what)}; snapshot {when} (iteration {meta.get('iteration')}), "
+                    f"EMA std {meta.get('ema_std')}, {meta.get('train_seconds')} s of training")
+        manifest["checkpoints"][f"{data.prefix}-{sub}"] = {
+            "path": str(cfg_file.parent.resolve().relative_to(WEIGHTS_DIR.resolve())),
+            "family": cfg_json["family"], "description": desc, "command": meta.get("command", "")}
+        count += 1
+    write_json(manifest_path, manifest)
+    return count
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
+    """The command `autoguidance <prefix> table|degradations|...|all|render|manifest` of one image set."""
+    import argparse
+
+    p = sub.add_parser(data.prefix, help=help)
+    dsub = p.add_subparsers(dest=f"{data.prefix}_command", required=True)
+    p.set_defaults(data=data)
+
+    def run_args(q) -> None:
+        q.add_argument("--out", default=f"{data.prefix}-results", help="output folder")
+        q.add_argument("--quick", action="store_true", help="few samples and steps (CI); numbers are not meaningful")
+        q.add_argument("--n", type=int, default=None, help="images per seed set (overrides the mode's)")
+        q.add_argument("--steps", type=int, default=None, help="Heun steps (overrides the mode's)")
+        q.add_argument("--weights", default=None, help=f"checkpoint folder (default: the shipped {data.noun} weights)")
+        q.add_argument("--threads", type=int, default=1, help="torch threads (fixed, so numbers reproduce exactly)")
+        q.add_argument("--quiet", action="store_true", help="no per-evaluation log lines")
+        q.add_argument("--store", default=None,
+                       help="folder of finished evaluations: a rerun (or another experiment) reads them back instead "
+                            "of sampling again (default: OUT/.evaluations)")
+        q.add_argument("--no-store", action="store_true", help="keep evaluations in memory only")
+
+    for name, (_, title, _) in EXPERIMENTS.items():
+        q = dsub.add_parser(name, help=title.replace("digits", data.noun),
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        run_args(q)
+        if name == "table":
+            q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
+        q.set_defaults(func=_run_cli, experiment=name)
+    a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run_args(a)
+    a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
+    a.set_defaults(func=_all_cli)
+    f = dsub.add_parser("features", help=f"train the feature network of the {data.noun} metrics",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--out", default=str(data.weights / "features"))
+    f.add_argument("--epochs", type=int, default=40)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_features_cli)
+    if any(folder for _, folder in data.spaces[1:]):
+        e = dsub.add_parser("encoder", help=f"train the self-supervised encoder of the second {data.noun} feature "
+                            "space (SimCLR; never sees a label)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        e.add_argument("--out", default=str(data.weights / "encoder"))
+        e.add_argument("--epochs", type=int, default=10)
+        e.add_argument("--channels", type=int, default=16)
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--no-progress", action="store_true")
+        e.set_defaults(func=_encoder_cli)
+    r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
+    r.add_argument("--out", default=f"{data.prefix}-results")
+    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out, a.data)) or '(nothing)'}") or 0)
+    m = dsub.add_parser("manifest", help=f"add the {data.noun} checkpoints to weights/manifest.json")
+    m.add_argument("--folder", default=str(data.weights))
+    m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder, a.data)} {a.data.noun} checkpoints")
+                   or 0)
+
+
+def _settings(args) -> Settings:
+    s = QUICK if args.quick else FULL
+    if args.n is not None:
+        s = replace(s, n=args.n, batch=min(s.batch, args.n) if s.batch else args.n)
+    if args.steps is not None:
+        s = replace(s, num_steps=args.steps)
+    return s
+
+
+def _store(args):
+    return None if args.no_store else Path(args.store) if args.store else Path(args.out) / ".evaluations"
+
+
+def _run_cli(args) -> int:
+    torch.set_num_threads(args.threads)
+    methods = [m for m in getattr(args, "methods", "").split(",") if m.strip()] or None
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
+    rec = run_experiment(args.experiment, args.out, lab.s, methods=methods, lab=lab)
+    stem = experiment_text(args.experiment, args.data)[0]
+    print((Path(args.out) / f"{stem}.md").read_text())
+    print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
+    return 0
+
+
+def _all_cli(args) -> int:
+    torch.set_num_threads(args.threads)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
+    for name in [e for e in args.only.split(",") if e.strip()]:
+        rec = run_experiment(name, args.out, lab.s, lab=lab)
+        stem = experiment_text(name, args.data)[0]
+        print((Path(args.out) / f"{stem}.md").read_text(), flush=True)
+        print(f"wrote {args.out}/{stem}.* at {rec['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _features_cli(args) -> int:
+    from ..metrics.features import train_feature_net
+
+    cmd = f"autoguidance {args.data.prefix} features --out {args.out} --epochs {args.epochs} --seed {args.seed}"
+    net = train_feature_net(args.out, epochs=args.epochs, seed=args.seed, meta={"command": cmd},
+                            data=args.data.name)
+    print(f"saved {args.out}: test accuracy {net.checkpoint_meta['test_accuracy']:.4f}")
+    return 0
+
+
+def _encoder_cli(args) -> int:
+    from ..train.contrastive import train_contrastive
+
+    cmd = (f"autoguidance {args.data.prefix} encoder --out {args.out} --epochs {args.epochs} "
+           f"--channels {args.channels} --seed {args.seed}")
+    net = train_contrastive(args.data.load("train"), args.data.load("test"), args.out, epochs=args.epochs,
+                            channels=args.channels, seed=args.seed, progress=not args.no_progress,
+                            meta={"command": cmd})
+    print(f"saved {args.out}: kNN-20 test accuracy {net.checkpoint_meta['knn20_test_accuracy']:.4f}")
+    return 0
