@@ -294,6 +294,43 @@ def test_weight_noise_sites_and_errors():
         WeightNoise(where="unet.enc.8x8_block0.dropout").sites(net)
 
 
+def test_weight_noise_and_dropout_on_one_site_compose_in_either_order():
+    """Issue 21, item 14: weight noise recomputes its site's degraded rows from the inputs; it runs first among the
+    site's hooks, so dropout on the same site acts on the noisy output whichever was entered first (before, a
+    dropout entered first was overwritten on the degraded rows)."""
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 64))
+    x, sigma, keys = torch.randn(4, 3), torch.ones(4), torch.arange(4)
+    rows = torch.tensor([True, False, True, True])
+    wn, drop = WeightNoise(0.3, where="0"), Dropout(0.5, where="0")
+    with torch.no_grad():
+        with wn.active(lin, rows, keys, sigma):
+            noisy = lin(x)
+        with drop.active(lin, rows, keys, sigma):
+            dropped = lin(x)
+        outs = []
+        for first, second in ((wn, drop), (drop, wn)):
+            with first.active(lin, rows, keys, sigma), second.active(lin, rows, keys, sigma):
+                outs.append(lin(x))
+    factor = dropped[rows] / lin(x)[rows]                  # the dropout multipliers of the degraded rows
+    assert torch.equal(outs[0], outs[1])                   # the same ops in the same order: bit for bit
+    torch.testing.assert_close(outs[0][rows], noisy[rows] * factor)
+    assert torch.equal(outs[0][1], lin(x)[1])              # the exact row is exact
+
+
+def test_weight_noise_refuses_a_forward_replaced_on_the_instance():
+    """An instance forward (an offload or wrapper hook) is bound to the module itself: a recompute would run it on
+    the clean weights, silently. Refused in one line."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2))
+    inner = net[1].forward
+    net[1].forward = lambda x: inner(x)
+    with torch.no_grad(), WeightNoise(0.3, where="1").active(net, torch.ones(2, dtype=torch.bool), torch.arange(2),
+                                                            torch.ones(2)):
+        with pytest.raises(SiteError, match=r"cannot recompute '1' \(Linear\): its forward is replaced") as e:
+            net(torch.randn(2, 3))
+    assert "\n" not in str(e.value)
+    assert not net[1]._forward_hooks
+
+
 def test_weight_noise_on_a_log_density_net_under_autograd():
     """The toy log-density net differentiates through the recomputed rows (score by autograd)."""
     net = ag.load("toy-logp-guide")
