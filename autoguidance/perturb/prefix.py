@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from .base import HookScope, _owned, run_cache
+from .base import _ACTIVE, HookScope, _owned, run_cache
 
-__all__ = ["SharedPrefix", "PrefixMismatch"]
+__all__ = ["SharedPrefix", "PrefixMismatch", "sharing_prefix"]
 
 
 class PrefixMismatch(RuntimeError):
@@ -109,13 +109,26 @@ def _roots(events: list, sites: set, model: torch.nn.Module) -> Optional[list]:
     return None
 
 
+class _PrefixToken:
+    """The token of a `SharedPrefix` block."""
+
+    __slots__ = ()
+
+
+def sharing_prefix() -> bool:
+    """Whether a `SharedPrefix` block (recording or sharing) is entered in this context. A guided denoiser called
+    inside one raises `PrefixMismatch`: its passes are separate calls of the module, which a prefix cut to half the
+    rows would break, so the call that shares is redone unshared."""
+    return any(isinstance(t, _PrefixToken) for t in _ACTIVE.get())
+
+
 class SharedPrefix(HookScope):
     """Context manager around ONE network call of `2 n` rows (exact rows `[0, n)`, degraded rows `[n, 2 n)`, equal
     inputs) in which `sites` are the perturbed modules: the first call in a sampling run records the module order
     (and is not shared); later calls share the prefix. `shared` says whether this call shares."""
 
     def __init__(self, model: torch.nn.Module, sites: list, n: int, key):
-        super().__init__()
+        super().__init__(_PrefixToken())
         self.model, self.sites, self.n, self.b = model, set(sites), n, 2 * n
         self.key = key
         self.shared = False
