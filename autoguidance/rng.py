@@ -305,7 +305,8 @@ def as_seeds(seeds) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         t = seeds
     elif isinstance(seeds, Iterable) and not isinstance(seeds, (str, bytes)):
-        t = torch.as_tensor(list(seeds))
+        seeds = list(seeds)
+        t = torch.as_tensor(seeds) if seeds else torch.zeros(0, dtype=torch.int64)   # [] is not a float list
     else:
         raise TypeError(f"seeds must be a sequence of integers (e.g. range(100)), got {type(seeds).__name__}")
     if t.ndim != 1 or t.is_floating_point() or t.is_complex():
