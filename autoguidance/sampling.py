@@ -5,7 +5,8 @@
 
 Every sampler takes a denoiser `D(x, sigma, labels)`, the initial `x` at `sigmas[0]`, and the decreasing noise
 levels ending in 0. `seeds` (one per row) drive the churn noise (one generator per image) and the per-row
-keys of any perturbation inside D, so the result of a row depends only on its seed, not on the batch it is in.
+keys of any perturbation inside D, so a row's randomness depends only on its seed, not on the batch it is in (its
+result too, up to the float rounding of the net's kernels, which may sum in another order at another batch size).
 `generate` draws the initial noise from the seeds and runs a sampler.
 
 Beside EDM Heun / Euler: DPM-Solver++(2M) (`sample_dpmpp_2m`, Lu et al. 2022, as k-diffusion's `sample_dpmpp_2m`),
@@ -239,7 +240,8 @@ def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch
 
     `seeds` are integers >= 0 (one image each); `shape` is one sample's shape (e.g. `[2]` or `[1, 8, 8]`); returns
     `[len(seeds), *shape]`. `labels` has one row per seed (a tensor, or a mapping of them). `batch` (None: all
-    seeds at once) splits the seeds into batches; the output does not depend on it."""
+    seeds at once) splits the seeds into batches; the output does not depend on it beyond the float rounding of
+    the net's kernels at another batch size."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
     seeds = as_seeds(seeds)

@@ -8,7 +8,7 @@ import torch
 
 import autoguidance as ag
 from autoguidance.toy import tree_mixture
-from helpers import GaussianDenoiser, tiny_denoiser_mlp
+from helpers import GaussianDenoiser, assert_batch_close, tiny_denoiser_mlp
 
 
 def _k_diffusion_sampling():
@@ -83,7 +83,7 @@ def test_per_image_seeds_do_not_depend_on_batching():
     kw = dict(num_steps=6, sigma_max=5.0, S_churn=2.0, progress=False)
     whole = ag.generate(D, range(1000), [2], **kw)
     parts = ag.generate(D, range(1000), [2], batch=250, **kw)
-    assert torch.equal(whole, parts)
+    assert_batch_close(parts, whole)                     # the net's matmuls at 2000 rows against 500
     # and a different seed range gives different samples
     assert not torch.equal(whole[:10], ag.generate(D, range(1000, 1010), [2], **kw))
 

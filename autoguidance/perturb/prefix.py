@@ -15,8 +15,9 @@ What it cannot share, and then does not try (the call runs in full, silently):
 
 The network must treat rows independently (no batch statistics: true of diffusion networks at inference). The
 shared prefix runs on N rows instead of 2N, so the result equals the unshared call up to the floating-point rounding
-of kernels that sum differently at another batch size (bit for bit where the kernels do not depend on the batch
-size: the shipped networks on CPU from 16 rows per pass; tests/test_prefix_sharing.py).
+of kernels that sum differently at another batch size (on some CPUs bit for bit, e.g. the shipped networks on the
+machine this was written on from 16 rows per pass, but no kernel promises it; tests/test_prefix_sharing.py checks
+the float32 tolerance of `tests/helpers.assert_batch_close`).
 """
 from __future__ import annotations
 
