@@ -27,6 +27,13 @@ as keyword arguments.
 Flow models: `Guided.flow(x_t, t, labels)` is the same combination in flow time (every pass through its net's
 `flow`, weights at sigma = t / (1 - t), inf at t = 1). The x0 prediction is affine in the velocity at fixed
 (x_t, t), `x0 = x_t - t v`, so guiding x0 with w is guiding the velocity with the same w.
+
+Composition: a guided denoiser is again a denoiser, also as a pass of another (`cfg(autoguidance(...))`, a guide
+that is itself guided, two perturbation guidances on one module). Every batched network call declares the image
+seed of each of its rows (`rng.rows_context`), so a perturbation inside it is keyed per image. A guided denoiser
+called inside another's perturbed pass (a hook scope is active: `perturb.base.scopes_active`) runs each of its
+passes as one call of exactly the rows it got, in order, so the outer hooks degrade exactly the rows they mean:
+its own `max_batch` may not split that call (refused), and an outer prefix sharing redoes such a call unshared.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import inspect
 import math
 from collections import Counter
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -42,8 +50,9 @@ import torch
 from .denoiser import (as_sigma, broadcast_rows, cat_rows, check_labels, check_x, flow_call, t_to_sigma,
                        take_rows)
 from .perturb import Dropout, Perturbation, Where
-from .perturb.prefix import PrefixMismatch, SharedPrefix
-from .rng import current_keys, current_state
+from .perturb.base import scopes_active
+from .perturb.prefix import PrefixMismatch, SharedPrefix, sharing_prefix
+from .rng import current_keys, current_state, rows_context
 from .schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
 
 __all__ = ["Pass", "Guide", "Guided", "no_guidance", "cfg", "autoguidance", "insitu", "perturbation_guidance",
@@ -182,6 +191,12 @@ class Guided:
     def _evaluate(self, jobs, x, sigma, labels, t=None) -> list[torch.Tensor]:
         keys = current_keys(len(x)) if any(p.perturbation is not None for p, _ in jobs) else None
         results: list[Optional[torch.Tensor]] = [None] * len(jobs)
+        if self._nested(len(x)):                  # inside another's perturbed pass: keep its batch layout
+            for j, (p, rows) in enumerate(jobs):
+                one: list = [None]
+                self._run_whole_call([0], [(p, None)], x, sigma, labels, keys, one, t)
+                results[j] = one[0] if rows is None else one[0][rows]
+            return results  # type: ignore[return-value]
         for call in _plan_calls(jobs):
             if all(jobs[j][1] is None for j in call):
                 self._run_whole_call(call, jobs, x, sigma, labels, keys, results, t)
@@ -190,6 +205,21 @@ class Guided:
                            for p, rows in jobs]
                 self._run_call(call, rows_of, x, sigma, labels, keys, results, t)
         return results  # type: ignore[return-value]
+
+    def _nested(self, n: int) -> bool:
+        """Whether this call runs inside another hook scope (a guided denoiser inside another's perturbed pass, or
+        a user's `Perturbation.active` block): its hooks act on every forward call of their module made here and
+        expect the batch layout of the call they were installed for, so each pass must be one call of exactly
+        this call's `n` rows, in order (no batching of passes, no row subsets, no split)."""
+        if not scopes_active():
+            return False
+        if sharing_prefix():
+            raise PrefixMismatch("a guided denoiser inside a shared-prefix call")   # the outer redoes it unshared
+        if self.max_batch is not None and self.max_batch < n:
+            raise ValueError(f"max_batch={self.max_batch} splits a call of {n} rows made inside another guided "
+                             "denoiser's perturbed pass, whose hooks expect the whole call: set max_batch on the "
+                             "outermost guided denoiser only")
+        return True
 
     def _step(self, call_rows: int, pass_rows: int, passes: int, x: torch.Tensor) -> int:
         """Rows per network call: `max_batch` if given, else the default policy (`split_passes`)."""
@@ -245,6 +275,8 @@ class Guided:
             xa, sa = (xc, sc) if whole else (xc[a:b], sc[a:b])
             lab = lc if whole or lc is None else take_rows(lc, slice(a, b))
             self.stats["forward_calls"] += 1
+            # the rows' own seeds for a denoiser that is itself guided (the batch repeated m times, chunk a:b)
+            rows = nullcontext() if m == 1 and whole else rows_context(n, repeat=m, chunk=slice(a, b))
             lo, hi = (max(span[0], a), min(span[1], b)) if span is not None else (0, 0)
             if hi > lo:
                 s_pert = sa if t is None else t_to_sigma(sa)
@@ -255,10 +287,11 @@ class Guided:
                 # the degraded rows' keys are the sampler's own when they are every row, in order
                 from_state = hi - lo == n and keys_from_state
                 with pert.perturbation.active(pert.hook_target(), None, ka, s_pert,
-                                              span=(lo - a, hi - a, from_state)):
+                                              span=(lo - a, hi - a, from_state)), rows:
                     outs.append(caller(xa, sa, lab))
             else:
-                outs.append(caller(xa, sa, lab))
+                with rows:
+                    outs.append(caller(xa, sa, lab))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         for k, j in enumerate(call):
             results[j] = out if m == 1 else out[k * n:(k + 1) * n]
@@ -272,13 +305,13 @@ class Guided:
             state = current_state()
             act = pert.perturbation.active(target, None, ka, s_pert,
                                            span=(n, 2 * n, state is not None and len(state.seeds) == n))
-            with act, SharedPrefix(target, act.modules, n, key) as sp:
+            with act, SharedPrefix(target, act.modules, n, key) as sp, rows_context(n, repeat=2):
                 out = caller(xa, sa, lab)
             if sp.shared:
                 self.stats["shared_prefix_calls"] += 1
             return out
         except PrefixMismatch:
-            with pert.perturbation.active(target, None, ka, s_pert, span=(n, 2 * n)):
+            with pert.perturbation.active(target, None, ka, s_pert, span=(n, 2 * n)), rows_context(n, repeat=2):
                 return caller(xa, sa, lab)
 
     def _caller(self, net: Callable) -> Callable:
@@ -316,16 +349,19 @@ class Guided:
         step = max(1, self._step(n, len(x), len(call), x))
         outs = []
         caller = self._caller(net) if t is None else (lambda x_, t_, l_: flow_call(net, x_, t_, l_))
+        src = torch.cat([jobs[j][1] for j in call])   # the batch row of each row of the call
         for a in range(0, n, step):
             b = min(a + step, n)
             lab = take_rows(lc, slice(a, b)) if lc is not None else None
             self.stats["forward_calls"] += 1           # network calls actually made, max_batch chunks included
+            rows = rows_context(len(x), src[a:b])      # the rows' own seeds for a denoiser that is itself guided
             if pert is not None and bool(dc[a:b].any()):
                 s_pert = sc[a:b] if t is None else t_to_sigma(sc[a:b])
-                with pert.perturbation.active(pert.hook_target(), dc[a:b], kc[a:b], s_pert):
+                with pert.perturbation.active(pert.hook_target(), dc[a:b], kc[a:b], s_pert), rows:
                     outs.append(caller(xc[a:b], sc[a:b], lab))
             else:
-                outs.append(caller(xc[a:b], sc[a:b], lab))
+                with rows:
+                    outs.append(caller(xc[a:b], sc[a:b], lab))
         out = torch.cat(outs)
         start = 0
         for j in call:

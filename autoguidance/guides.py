@@ -11,7 +11,8 @@
 
 `PreviousStepGuidance` is a denoiser wrapper, not a `Guided` pass: `Guided` evaluates every pass of one call on the
 same (x, sigma), while SG-prev's bad prediction comes from a different, earlier call, so it needs state across calls.
-Images are keyed by their seed (the sampler's noise context), so a sample does not depend on the batch it is in;
+Images are keyed by their seed (the sampler's noise context), so a sample does not depend on the batch it is in
+(beyond the float rounding of the net's kernels at another batch size);
 outside a sampler, rows are keyed by their index.
 """
 from __future__ import annotations

@@ -12,7 +12,9 @@ Three sources, all keyed by the image's seed:
   (one draw per activation at every site).
 
 The sampler publishes the current rows' seeds and the call index through `noise_context`; perturbations read
-it with `current_keys`. Outside a sampler (a plain `D(x, sigma)` call) keys fall back to the row index.
+it with `current_keys`. Outside a sampler (a plain `D(x, sigma)` call) keys fall back to the row index. A guided
+denoiser that calls a denoiser on other rows than its own batch (its passes batched, a row subset) declares each
+row's seed with `rows_context`, so a guided denoiser inside it keys its perturbations per image too.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 __all__ = ["StackedGenerators", "as_seeds", "DropoutMasks", "dropout_keep", "dropout_scale", "hash_uniform",
            "hash_normal", "mix_keys", "mix_keys_per_salt", "mix_keys_np", "mix_keys_per_salt_np", "dropout_factors",
            "dropout_factors_np",
-           "noise_context", "current_keys", "current_state", "SamplingRun"]
+           "noise_context", "current_keys", "current_state", "SamplingRun", "rows_context"]
 
 _M64 = (1 << 64) - 1
 
@@ -303,7 +305,8 @@ def as_seeds(seeds) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         t = seeds
     elif isinstance(seeds, Iterable) and not isinstance(seeds, (str, bytes)):
-        t = torch.as_tensor(list(seeds))
+        seeds = list(seeds)
+        t = torch.as_tensor(seeds) if seeds else torch.zeros(0, dtype=torch.int64)   # [] is not a float list
     else:
         raise TypeError(f"seeds must be a sequence of integers (e.g. range(100)), got {type(seeds).__name__}")
     if t.ndim != 1 or t.is_floating_point() or t.is_complex():
@@ -402,3 +405,50 @@ def current_keys(n: int) -> torch.Tensor:
             return torch.from_numpy(mix_keys_np(state.seeds_u64, state.call).view(np.int64))
         return mix_keys(state.seeds, state.call)
     return mix_keys(torch.arange(n, dtype=torch.int64), -1)
+
+
+class _RowsState(_NoiseState):
+    """The noise state of a call made on rows of the current batch (`rows_context`): its seeds are made only when
+    asked for (a plain network never asks; a guided denoiser inside the call does)."""
+
+    __slots__ = ("_base", "_rows", "_repeat", "_chunk", "_seeds")
+
+    def __init__(self, base: torch.Tensor, call: int, run, rows, repeat: int, chunk):
+        self._base, self._rows, self._repeat, self._chunk, self._seeds = base, rows, repeat, chunk, None
+        self.call, self.run, self.sigma, self._u64 = call, run, None, None
+
+    @property
+    def seeds(self) -> torch.Tensor:
+        if self._seeds is None:
+            s = self._base
+            if self._rows is not None:
+                s = s[self._rows.to(s.device)]
+            elif self._repeat != 1:
+                s = s.repeat(self._repeat)
+            self._seeds = s if self._chunk is None else s[self._chunk]
+        return self._seeds
+
+
+class rows_context:
+    """The noise context of a call made on rows of the current batch of `n` rows: row r of the call is row
+    `rows[r]` of the batch, or (no `rows`) the batch repeated `repeat` times, cut to `chunk`. A denoiser called
+    inside it (a guided denoiser inside another's batched call) sees each row's own image seed and call index,
+    so its `current_keys` are `current_keys(n)` of the rows it got: per image, whatever batch they share. Outside
+    a matching context, the row index stands for the seed (call -1), as `current_keys` reads it."""
+
+    __slots__ = ("state", "token")
+
+    def __init__(self, n: int, rows: Optional[torch.Tensor] = None, repeat: int = 1, chunk: Optional[slice] = None):
+        state = _STATE.get()
+        if state is not None and len(state.seeds) == n:
+            self.state = _RowsState(state.seeds, state.call, state.run, rows, repeat, chunk)
+        else:
+            self.state = _RowsState(torch.arange(n, dtype=torch.int64), -1, None, rows, repeat, chunk)
+        self.token = None
+
+    def __enter__(self) -> None:
+        self.token = _STATE.set(self.state)
+
+    def __exit__(self, *exc) -> bool:
+        _STATE.reset(self.token)
+        return False

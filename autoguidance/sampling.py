@@ -5,7 +5,8 @@
 
 Every sampler takes a denoiser `D(x, sigma, labels)`, the initial `x` at `sigmas[0]`, and the decreasing noise
 levels ending in 0. `seeds` (one per row) drive the churn noise (one generator per image) and the per-row
-keys of any perturbation inside D, so the result of a row depends only on its seed, not on the batch it is in.
+keys of any perturbation inside D, so a row's randomness depends only on its seed, not on the batch it is in (its
+result too, up to the float rounding of the net's kernels, which may sum in another order at another batch size).
 `generate` draws the initial noise from the seeds and runs a sampler.
 
 Beside EDM Heun / Euler: DPM-Solver++(2M) (`sample_dpmpp_2m`, Lu et al. 2022, as k-diffusion's `sample_dpmpp_2m`),
@@ -25,12 +26,13 @@ so the guided velocity is the same combination of the passes' velocities with th
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
 import tqdm
 
-from .denoiser import take_rows
+from .denoiser import check_rows, take_rows
 from .rng import SamplingRun, StackedGenerators, as_seeds, noise_context
 
 __all__ = ["sigmas_karras", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler", "generate",
@@ -224,16 +226,41 @@ def sample_flow_euler(D: Callable, x: torch.Tensor, ts: torch.Tensor, *, labels=
 SAMPLERS = {"heun": sample_heun, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
 
 
+def _positive_int(v, name: str, hint: str) -> int:
+    """`v` as an int if it is an integer >= 1 (bools and fractional numbers refused), else a one-line error."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or int(v) != v or v < 1:
+        raise ValueError(f"{name} must be a positive integer{hint}, got {v!r}")
+    return int(v)
+
+
 def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch.Tensor] = None,
              sampler: str = "heun", num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0,
              rho: float = 7.0, batch: Optional[int] = None, device="cpu", **sampler_kwargs) -> torch.Tensor:
     """Sample one image per seed: noise `N(0, sigma_max^2)` from one generator per seed, then `sampler`.
 
-    `shape` is one sample's shape (e.g. `[2]` or `[1, 8, 8]`); returns `[len(seeds), *shape]`. `batch` splits
-    the seeds into batches; the output does not depend on it."""
+    `seeds` are integers >= 0 (one image each); `shape` is one sample's shape (e.g. `[2]` or `[1, 8, 8]`); returns
+    `[len(seeds), *shape]`. `labels` has one row per seed (a tensor, or a mapping of them). `batch` (None: all
+    seeds at once) splits the seeds into batches; the output does not depend on it beyond the float rounding of
+    the net's kernels at another batch size."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
     seeds = as_seeds(seeds)
+    if len(seeds) and int(seeds.min()) < 0:
+        raise ValueError(f"seeds must be integers >= 0 (one image each), got {int(seeds.min())}")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) or not len(shape) \
+            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape):
+        raise ValueError(f"shape must be one sample's shape, a non-empty sequence of positive integers such as [2] "
+                         f"or [1, 8, 8], got {shape!r}")
+    num_steps = _positive_int(num_steps, "num_steps", " (sampler steps)")
+    if batch is not None:
+        batch = _positive_int(batch, "batch", " (seeds per sampler call) or None (all at once)")
+    if labels is not None:
+        if isinstance(labels, torch.Tensor):
+            if labels.ndim < 1 or labels.shape[0] != len(seeds):
+                raise ValueError(f"labels has shape {list(labels.shape)} for {len(seeds)} seeds: give one row per "
+                                 "seed on axis 0")
+        else:
+            check_rows(labels, len(seeds), "labels")
     sigmas = sigmas_karras(num_steps, sigma_min, sigma_max, rho)
     batch = batch or max(len(seeds), 1)
     outs = []
@@ -242,4 +269,4 @@ def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch
         x = StackedGenerators(s, device).randn(shape) * sigmas[0]
         lab = take_rows(labels, slice(a, a + batch)) if labels is not None else None
         outs.append(SAMPLERS[sampler](D, x, sigmas.to(device), labels=lab, seeds=s, **sampler_kwargs))
-    return torch.cat(outs) if outs else torch.zeros(0, *shape)
+    return torch.cat(outs) if outs else torch.zeros(0, *shape, device=device)

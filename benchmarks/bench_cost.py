@@ -357,7 +357,8 @@ How the library gets there (issue 14):
   rows and duplicate their outputs. Generic (hooks on any `nn.Module`, thread-local like the perturbation's). Not
   shared (the call runs in full): perturbations that change inputs (input noise), CFG's dropped labels, calls split
   by `max_batch`, a module's calls after the first perturbed module. Equal to the unshared call up to batch-size
-  rounding of the prefix kernels (bit for bit on this CPU from 16 rows per pass; `tests/test_prefix_sharing.py`).
+  rounding of the prefix kernels (bit for bit on this CPU from 16 rows per pass, which no kernel promises;
+  `tests/test_prefix_sharing.py` checks the float32 tolerance).
 
 Where the rest goes. The toy MLP costs about 0.5 ms per call whatever the batch (it renormalises its weights on
 every call), so per-call Python and tensor-op overhead counts: the sampler's own bookkeeping (noise context, sigma

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from autoguidance.metrics import dinov2 as dino
 from autoguidance.metrics.extractors import get_extractor
 
+from helpers import assert_batch_close
+
 TINY = dino.ViTConfig(dim=128, depth=2, heads=2, patch=14, grid=4)     # 56 x 56 images -> 4 x 4 patches
 
 
@@ -85,7 +87,7 @@ def test_extractor_with_edm2_preprocessing_any_batch(tmp_path):
     f = get_extractor("dinov2", dinov2_weights=str(path), official_only=False)(x)
     f3 = get_extractor("dinov2", dinov2_weights=str(path), official_only=False, batch=3)(x)
     assert f.shape == (5, TINY.dim) and f.dtype == torch.float64
-    torch.testing.assert_close(f, f3, rtol=1e-5, atol=1e-6)     # batch split does not matter
+    assert_batch_close(f3, f)                                   # batch split does not matter
     net = dino.DINOv2(dino.ViTConfig.from_state(state))
     net.load_state_dict(state)
     u8 = (x * 127.5 + 128).floor().clamp(0, 255)

@@ -1,6 +1,6 @@
 """Prefix sharing (`autoguidance.perturb.prefix`): the network up to the first perturbed module runs once for the
-exact and the degraded pass; results equal the unshared call (bit for bit where the net's kernels do not depend on
-the batch size, else to float rounding)."""
+exact and the degraded pass; results equal the unshared call up to the float rounding of kernels at another batch
+size (`helpers.assert_batch_close`; bit for bit only where nothing is shared)."""
 import torch
 
 import autoguidance as ag
@@ -9,6 +9,7 @@ from autoguidance.perturb import Dropout, InputNoise
 from autoguidance.train.edm import digits_net_config
 
 from conftest import assert_same_state, state_snapshot
+from helpers import assert_batch_close
 
 
 def _digits_net():
@@ -42,25 +43,20 @@ def test_shared_prefix_equals_the_unshared_call_on_a_unet():
         a, b = _sample(plain, n, [1, 8, 8], labels), _sample(shared, n, [1, 8, 8], labels)
         # every call after the run's first (which records the module order) shares its prefix
         assert shared.stats["shared_prefix_calls"] == shared.stats["forward_calls"] - 1 > 0
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)     # the prefix ran on n rows instead of 2n
+        assert_batch_close(b, a)                                 # the prefix ran on n rows instead of 2n
     assert_same_state(before, state_snapshot(net))
 
 
-def test_shared_prefix_is_bit_identical_where_the_kernels_do_not_depend_on_the_batch():
-    """The shipped digits U-Net on this CPU at 16 rows per pass (scripts/measure_batch_invariance.py territory):
-    N and 2N rows give the same bits, so sharing changes nothing at all."""
+def test_shared_prefix_on_the_shipped_unet_equals_the_unshared_call():
+    """The shipped digits U-Net at 16 rows per pass. On some CPUs N and 2N rows give the same bits
+    (scripts/measure_batch_invariance.py), but no kernel promises it (issue 21: an AMD EPYC differed), so the
+    samples are compared to float32 rounding."""
     net = ag.load("digits-s-T-ema050")
     labels = torch.nn.functional.one_hot(torch.arange(16) % 10, 10).float()
-    x, s = torch.randn(32, 1, 8, 8), torch.rand(32) + 0.1
-    with torch.no_grad():
-        invariant = torch.equal(net(x, s, torch.cat([labels, labels]))[:16], net(x[:16], s[:16], labels))
     where = _last_sites(net, 4)
     a = _sample(ag.insitu(net, 2.0, 0.1, where=where), 16, [1, 8, 8], labels)
     b = _sample(ag.insitu(net, 2.0, 0.1, where=where, share_prefix=True), 16, [1, 8, 8], labels)
-    if invariant:
-        assert torch.equal(a, b)
-    else:                                                          # another CPU: to float rounding
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert_batch_close(b, a)
 
 
 class _Reuse(torch.nn.Module):
@@ -88,7 +84,7 @@ def test_a_module_called_again_after_the_site_and_the_recorded_roots():
     shared = ag.insitu(net, 3.0, 0.2, where="drop", share_prefix=True)
     a, b = _sample(plain, 16, [2], sigma_max=5.0), _sample(shared, 16, [2], sigma_max=5.0)
     assert shared.stats["shared_prefix_calls"] > 0
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_batch_close(b, a)
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in net.modules())
 
 
@@ -98,6 +94,7 @@ def test_what_cannot_be_shared_runs_unshared():
     # input noise changes the degraded rows' inputs: nothing to share
     D = ag.perturbation_guidance(net, 2.0, InputNoise(0.2), share_prefix=True)
     ref = ag.perturbation_guidance(net, 2.0, InputNoise(0.2))
+    # nothing shared: the same calls as the unshared run, bit for bit
     assert torch.equal(_sample(D, 4, [1, 8, 8], labels), _sample(ref, 4, [1, 8, 8], labels))
     assert D.stats["shared_prefix_calls"] == 0
     # an explicit max_batch that splits the passes: no shared call
@@ -133,6 +130,7 @@ def test_a_prefix_output_that_cannot_be_duplicated_falls_back_to_the_full_call()
     net = _OddNet().eval().requires_grad_(False)
     shared = ag.insitu(net, 3.0, 0.2, where="drop", share_prefix=True)
     plain = ag.insitu(net, 3.0, 0.2, where="drop")
+    # every call that returns is a full unshared call (the shared one raised and was redone): bit for bit
     assert torch.equal(_sample(shared, 6, [2], sigma_max=5.0), _sample(plain, 6, [2], sigma_max=5.0))
     assert shared.stats["shared_prefix_calls"] == 0
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in net.modules())
@@ -144,7 +142,7 @@ def test_sharing_keeps_masks_of_the_plain_dropout():
     pert = Dropout(0.3, where=_last_sites(net, 3))
     a = _sample(ag.perturbation_guidance(net, 2.0, pert), 3, [1, 8, 8], labels)
     b = _sample(ag.perturbation_guidance(net, 2.0, pert, share_prefix=True), 3, [1, 8, 8], labels)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert_batch_close(b, a)
 
 
 def test_late_site_variants_of_the_digits_study():

@@ -277,6 +277,43 @@ def test_threads_do_not_see_each_others_hooks():
     assert torch.equal(seen["perturbed_again"], seen["perturbed"])
 
 
+def test_weight_noise_while_another_thread_calls_the_same_net():
+    """Issue 21, item 15: weight noise recomputed its sites with `functional_call` on the module itself, which swaps
+    the module's parameters for the call: 83 of 150 plain calls from another thread raised ("tensor may have escaped
+    from inside a function being vmapped"). Now the other thread always sees the plain net (the same call at the
+    same batch: bit for bit), and the perturbed pass is the one computed alone."""
+    net = tiny_denoiser_mlp(width=32)
+    x, sigma = torch.randn(16, 2), torch.full((16,), 0.7)
+    D = ag.perturbation_guidance(net, 2.0, perturb.WeightNoise(0.3), module=net)
+    with torch.no_grad():
+        plain, guided_alone = net(x, sigma), D(x, sigma)
+    errors, wrong, started = [], [0], threading.Event()
+
+    def hammer():
+        started.set()
+        for _ in range(150):
+            try:
+                with torch.no_grad():
+                    out = net(x, sigma)
+                wrong[0] += not torch.equal(out, plain)
+            except Exception as e:                 # noqa: BLE001 -- counted, reported below
+                errors.append(repr(e))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    assert started.wait(30)
+    guided = []
+    with torch.no_grad():
+        while t.is_alive() or not guided:
+            guided.append(D(x, sigma))
+    t.join(30)
+    assert not errors, f"{len(errors)} of 150 plain calls raised: {errors[0]}"
+    assert wrong[0] == 0
+    assert len(guided) > 1
+    for g in guided:
+        assert torch.equal(g, guided_alone)        # the same call at the same batch composition
+
+
 # -- torch.compile and hooks -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("perturbation", ["blockdrop", "dropout"])

@@ -179,6 +179,53 @@ def test_edm2_png_and_labels(tmp_path):
         sample_to_folder(MethodSpec(net="toy-denoiser-main"), [0], tmp_path / "toy", png=True, progress=False)
 
 
+def test_resume_redoes_every_png_that_is_not_its_shards_image(tmp_path):
+    """Issue 21, item 17: a resume redid only missing PNGs of a sound shard; a truncated, corrupt or wrong PNG was
+    kept. Now every PNG of a kept shard is decoded and compared with the shard's image; what fails is rewritten
+    (atomically), the rest is left untouched, and the shards are not recomputed."""
+    from PIL import Image
+
+    from autoguidance.runs.shards import to_uint8
+
+    def png_path(out, s):
+        return out / "png" / f"{s:06d}.png"
+
+    def read_png(path):                               # what a reader of the folder gets: [H, W, C], or None
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im)
+        except (OSError, SyntaxError, ValueError):
+            return None
+        return a[..., None] if a.ndim == 2 else a
+
+    torch.manual_seed(0)
+    net = EDM2Precond(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1],
+                      num_blocks=1, attn_resolutions=[], use_fp16=False, logvar_channels=8).eval()
+    ckpt.save(net, tmp_path / "tiny")
+    out = tmp_path / "img"
+    spec = MethodSpec(net=str(tmp_path / "tiny"), steps=2)
+    seeds = list(range(6))
+    assert sample_to_folder(spec, seeds, out, shard_size=3, png=True, progress=False)["done"] == 2
+    want = {s: to_uint8(read_shard(out / "shards" / f"shard-{s // 3:06d}.npz")["samples"])[s % 3] for s in seeds}
+    good = {s: png_path(out, s).read_bytes() for s in seeds}
+    png_path(out, 0).write_bytes(good[0][:len(good[0]) // 2])                # truncated
+    png_path(out, 1).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))           # not a PNG past its signature
+    Image.fromarray(255 - want[3][..., 0], mode="L").save(png_path(out, 3))  # a sound PNG of another image
+    Image.fromarray(want[4][..., 0], mode="L").convert("RGB").save(png_path(out, 4))   # the image, other channels
+    png_path(out, 5).unlink()                                                 # missing (redone before too)
+    for s in (0, 1, 3, 4):
+        assert read_png(png_path(out, s)) is None or not np.array_equal(read_png(png_path(out, s)), want[s])
+    untouched = os.stat(png_path(out, 2))
+    summary = sample_to_folder(spec, seeds, out, shard_size=3, png=True, progress=False)
+    assert (summary["done"], summary["skipped"]) == (0, 2)                    # the shards are sound: kept
+    for s in seeds:
+        assert np.array_equal(read_png(png_path(out, s)), want[s]), s
+        assert png_path(out, s).read_bytes() == good[s], s                    # the bytes of the first run
+    after = os.stat(png_path(out, 2))
+    assert (after.st_ino, after.st_mtime_ns) == (untouched.st_ino, untouched.st_mtime_ns)   # not rewritten
+    assert not [p.name for p in (out / "png").iterdir() if p.name.startswith(".")]     # no temporary left
+
+
 def test_more_seeds_extend_a_run_and_other_seeds_are_refused(reference_run, tmp_path):
     out = tmp_path / "more"
     shutil.copytree(reference_run, out)

@@ -8,7 +8,7 @@ import torch
 
 import autoguidance as ag
 from autoguidance.toy import tree_mixture
-from helpers import GaussianDenoiser, tiny_denoiser_mlp
+from helpers import GaussianDenoiser, assert_batch_close, tiny_denoiser_mlp
 
 
 def _k_diffusion_sampling():
@@ -83,7 +83,7 @@ def test_per_image_seeds_do_not_depend_on_batching():
     kw = dict(num_steps=6, sigma_max=5.0, S_churn=2.0, progress=False)
     whole = ag.generate(D, range(1000), [2], **kw)
     parts = ag.generate(D, range(1000), [2], batch=250, **kw)
-    assert torch.equal(whole, parts)
+    assert_batch_close(parts, whole)                     # the net's matmuls at 2000 rows against 500
     # and a different seed range gives different samples
     assert not torch.equal(whole[:10], ag.generate(D, range(1000, 1010), [2], **kw))
 
@@ -105,6 +105,47 @@ def test_callback_and_call_count():
 def test_bad_schedule_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         ag.sigmas_karras(**{**dict(num_steps=8, sigma_min=0.002, sigma_max=5.0), **kw})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch=0), r"batch must be a positive integer .*got 0"),
+    (dict(batch=-1), r"batch must be a positive integer .*got -1"),
+    (dict(batch=2.5), r"batch must be a positive integer"),
+    (dict(batch=True), r"batch must be a positive integer"),
+    (dict(num_steps=0), r"num_steps must be a positive integer"),
+    (dict(num_steps=True), r"num_steps must be a positive integer"),
+    (dict(num_steps=2.5), r"num_steps must be a positive integer"),
+    (dict(seeds=[3, -1]), r"seeds must be integers >= 0 .*got -1"),
+    (dict(seeds=[0.5, 1.0]), r"seeds must be a 1-D sequence of integers"),
+    (dict(shape=2), r"shape must be one sample's shape"),
+    (dict(shape=[]), r"shape must be one sample's shape"),
+    (dict(shape=[0, 2]), r"shape must be one sample's shape"),
+    (dict(shape=[2.0]), r"shape must be one sample's shape"),
+    (dict(labels=torch.zeros(3, 1)), r"labels has shape \[3, 1\] for 4 seeds"),
+    (dict(labels={"c": torch.zeros(3, 1)}), r"labels entry 'c' has shape \[3, 1\] but the batch has 4 rows"),
+    (dict(sigma_min=0.0), r"sigma_min and sigma_max must be finite and > 0"),
+    (dict(sigma_max=float("inf")), r"sigma_min and sigma_max must be finite and > 0"),
+    (dict(sigma_min=3.0, sigma_max=2.0), r"inverted"),
+    (dict(rho=0.0), r"rho must be"),
+])
+def test_generate_refuses_bad_arguments_in_one_line(kw, match):
+    """Issue 21, item 16: batch=0 was read as "all at once" and batch=-1 returned an empty result; every argument
+    of generate is checked before anything runs."""
+    net = GaussianDenoiser()
+    args = {**dict(seeds=range(4), shape=[2], num_steps=2), **kw}
+    with pytest.raises(ValueError, match=match) as e:
+        ag.generate(net, args.pop("seeds"), args.pop("shape"), progress=False, **args)
+    assert "\n" not in str(e.value)
+    assert not net.calls                                  # refused before the first denoiser call
+
+
+def test_generate_accepts_what_it_documents():
+    net = GaussianDenoiser()
+    kw = dict(num_steps=2, sigma_max=5.0, progress=False)
+    whole = ag.generate(net, range(5), (2,), **kw)
+    assert whole.shape == (5, 2)
+    assert torch.equal(ag.generate(net, range(5), torch.Size([2]), batch=2.0, **kw), whole)   # exact per-row ops
+    assert ag.generate(net, [], [2], **kw).shape == (0, 2)
 
 
 def test_bad_sampler_inputs():

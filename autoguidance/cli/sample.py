@@ -16,7 +16,8 @@ Shards are assigned round-robin to ranks (shard i to rank i mod world size) and 
 rank with the same batches, from per-image seeds, so the files are byte-identical whatever the process count
 (NPZ members carry a fixed date and no compression). Each shard is written atomically; a rerun skips shards
 that verify (CRC of every member, sha256, expected seeds and labels) and redoes missing, truncated or corrupt
-ones. A rerun may add seeds after the recorded ones (same config); anything else is refused. Labels: seed s
+ones; with --png it also decodes every PNG of a kept shard and rewrites (atomically) each one that is missing, does
+not decode, or is not exactly its sample's image. A rerun may add seeds after the recorded ones (same config); anything else is refused. Labels: seed s
 gets class `classes[s % len(classes)]`.
 
 Each shard also stores the run's identity (a digest of the method spec, the nets' checkpoint digests, the
@@ -46,7 +47,7 @@ from ..runs.files import clean_temp, write_json, write_text
 from ..runs.lock import lock_run
 from ..runs.record import check_out, check_resume, command_line, identity_of, run_record
 from ..runs.seeds import labels_for, parse_classes, parse_seeds, shard_blocks
-from ..runs.shards import (export_png, png_missing, read_shard, shard_identity, shard_path, verify_shard,
+from ..runs.shards import (export_png, pngs_to_redo, read_shard, shard_identity, shard_path, verify_shard,
                            write_shard)
 from .options import add_method_arguments, check_positive, parse_floats, spec_from_args
 
@@ -127,8 +128,11 @@ def _sample_locked(D, spec, seeds, out, shape, cls, dim, blocks, batch, png, con
         path = shard_path(out, i)
         sid = shard_identity(identity, block, labels, shape)
         if verify_shard(path, block, labels, shape, identity=sid):
-            if png and png_missing(out, block):
-                export_png(out, read_shard(path)["samples"], block)
+            if png:                                  # keep only PNGs that decode to the shard's images
+                kept = read_shard(path)["samples"]
+                redo = pngs_to_redo(out, kept, block)
+                if redo:
+                    export_png(out, kept[redo], [block[j] for j in redo])
             skipped += 1
             bar.update(len(block))
             continue

@@ -4,7 +4,8 @@ A perturbation degrades chosen rows of one batched call: forward hooks on chosen
 inside `Perturbation.active(...)` and removed on exit (also after an exception). Random draws are pure functions
 of per-row keys (image seed, denoiser call, site: `autoguidance.rng`; dropout masks via the faster 32-bit
 `rng.dropout_keep`), so one call can carry the exact pass and the degraded pass side by side, a seed reproduces the
-image, and the result does not depend on batch size. The model is never put in `train()`
+image, and the draws do not depend on batch size (the result only up to the float rounding of the net's kernels,
+which sum in another order at another batch size). The model is never put in `train()`
 (which would also switch normalisation layers, and make EDM2's layers rewrite their weights).
 
 The perturbations (each strength a number or a `Schedule` of sigma, so p(sigma) can follow the noise level):

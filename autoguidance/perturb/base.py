@@ -28,7 +28,30 @@ def _owned(fn: Callable, token: object) -> Callable:
             return None
         return fn(*a)
     hook.__wrapped__ = fn
+    hook.scope_token = token
     return hook
+
+
+def scopes_active() -> bool:
+    """Whether a hook scope (a perturbation's `active` block, prefix sharing) is entered in this context: then a
+    denoiser call made here runs under hooks that expect the batch layout of the call that entered it (a guided
+    denoiser called inside another's perturbed pass keeps that layout: `autoguidance.guidance`)."""
+    return bool(_ACTIVE.get())
+
+
+class _PerturbationToken:
+    """The token of a `Perturbation.active` block (prefix sharing has its own kind): tells whose hooks are live."""
+
+    __slots__ = ()
+
+
+def live_perturbation_hooks(module: torch.nn.Module) -> list[Callable]:
+    """The forward hooks on `module` of perturbations active in this context (the functions `_owned` wraps)."""
+    live = _ACTIVE.get()
+    if not live:
+        return []
+    return [h.__wrapped__ for h in module._forward_hooks.values()
+            if isinstance(getattr(h, "scope_token", None), _PerturbationToken) and h.scope_token in live]
 
 
 def run_cache() -> Optional[dict]:
@@ -100,11 +123,14 @@ class Hook:
     """A hook a perturbation registers for the duration of `Perturbation.active`.
 
     kind 'forward': `fn(module, args, output)`; 'forward_kwargs': `fn(module, args, kwargs, output)`; both return
-    a replacement output or None. (`_hooks` may also return plain `(module, fn)` pairs: 'forward' hooks.)"""
+    a replacement output or None. `first`: run before the module's other forward hooks (weight noise replaces the
+    module's own output, which other perturbations of that module then act on). (`_hooks` may also return plain
+    `(module, fn)` pairs: 'forward' hooks.)"""
 
     module: torch.nn.Module
     fn: Callable
     kind: str = "forward"
+    first: bool = False
 
 
 class Perturbation:
@@ -167,10 +193,10 @@ class HookScope:
 
     __slots__ = ("handles", "reset", "token")
 
-    def __init__(self):
+    def __init__(self, token: Optional[object] = None):
         self.handles: list = []
         self.reset = None
-        self.token = object()
+        self.token = object() if token is None else token
 
     def activate(self) -> None:
         self.reset = _ACTIVE.set(_ACTIVE.get() | {self.token})
@@ -191,7 +217,7 @@ class _Active(HookScope):
     __slots__ = ("pert", "model", "rows", "keys", "sigma", "span", "modules")
 
     def __init__(self, pert, model, rows, keys, sigma, span):
-        super().__init__()
+        super().__init__(_PerturbationToken())
         self.pert, self.model, self.rows, self.keys, self.sigma, self.span = pert, model, rows, keys, sigma, span
         self.modules: list = []          # the modules hooked (known inside the block)
 
@@ -217,15 +243,17 @@ class _Active(HookScope):
         handles = self.handles
         try:
             for h in hooks:
+                first = False
                 if isinstance(h, Hook):
-                    module, fn, kind = h.module, h.fn, h.kind
+                    module, fn, kind, first = h.module, h.fn, h.kind, h.first
                 else:
                     module, fn, *rest = h
                     kind = rest[0] if rest else "forward"
                 if kind == "forward":
-                    handles.append(module.register_forward_hook(_owned(fn, token)))
+                    handles.append(module.register_forward_hook(_owned(fn, token), prepend=first))
                 elif kind == "forward_kwargs":
-                    handles.append(module.register_forward_hook(_owned(fn, token), with_kwargs=True))
+                    handles.append(module.register_forward_hook(_owned(fn, token), with_kwargs=True,
+                                                                prepend=first))
                 else:
                     raise ValueError(f"unknown hook kind {kind!r}: expected 'forward' or 'forward_kwargs'")
                 self.modules.append(module)

@@ -179,8 +179,9 @@ class Dropout(Perturbation):
         `mix(mix(mix(seed, c), 0xD120), site)`, so nothing depends on which calls share a pass."""
         key = ("dropout-prefetch", id(self), id(model), B, a)
         hit = cache.get(key)
-        if hit is not None and hit[0] is self and hit[1] is model and state.call in hit[2]:
-            return hit[2][state.call]
+        if hit is not None and hit[0] is self and hit[1] is model and state.call in hit[2] \
+                and (hit[3] is state.seeds_u64 or np.array_equal(hit[3], state.seeds_u64)):
+            return hit[2][state.call]       # made for these seeds (a guided denoiser inside another's call: rows vary)
         c0 = state.call
         call_salts = np.array([_salt_np(c) for c in range(c0, c0 + calls)], dtype=np.uint64)[:, None]
         k = mix_keys_np(_splitmix_np(state.seeds_u64[None, :] ^ call_salts), 0xD120)         # [C, N]
@@ -194,7 +195,7 @@ class Dropout(Perturbation):
             for ci in range(calls):
                 for j, i in enumerate(members):
                     made[c0 + ci][i] = f[ci, j]
-        cache[key] = (self, model, made)
+        cache[key] = (self, model, made, state.seeds_u64)
         return made[c0]
 
 

@@ -15,8 +15,9 @@ What it cannot share, and then does not try (the call runs in full, silently):
 
 The network must treat rows independently (no batch statistics: true of diffusion networks at inference). The
 shared prefix runs on N rows instead of 2N, so the result equals the unshared call up to the floating-point rounding
-of kernels that sum differently at another batch size (bit for bit where the kernels do not depend on the batch
-size: the shipped networks on CPU from 16 rows per pass; tests/test_prefix_sharing.py).
+of kernels that sum differently at another batch size (on some CPUs bit for bit, e.g. the shipped networks on the
+machine this was written on from 16 rows per pass, but no kernel promises it; tests/test_prefix_sharing.py checks
+the float32 tolerance of `tests/helpers.assert_batch_close`).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from typing import Optional
 
 import torch
 
-from .base import HookScope, _owned, run_cache
+from .base import _ACTIVE, HookScope, _owned, run_cache
 
-__all__ = ["SharedPrefix", "PrefixMismatch"]
+__all__ = ["SharedPrefix", "PrefixMismatch", "sharing_prefix"]
 
 
 class PrefixMismatch(RuntimeError):
@@ -109,13 +110,26 @@ def _roots(events: list, sites: set, model: torch.nn.Module) -> Optional[list]:
     return None
 
 
+class _PrefixToken:
+    """The token of a `SharedPrefix` block."""
+
+    __slots__ = ()
+
+
+def sharing_prefix() -> bool:
+    """Whether a `SharedPrefix` block (recording or sharing) is entered in this context. A guided denoiser called
+    inside one raises `PrefixMismatch`: its passes are separate calls of the module, which a prefix cut to half the
+    rows would break, so the call that shares is redone unshared."""
+    return any(isinstance(t, _PrefixToken) for t in _ACTIVE.get())
+
+
 class SharedPrefix(HookScope):
     """Context manager around ONE network call of `2 n` rows (exact rows `[0, n)`, degraded rows `[n, 2 n)`, equal
     inputs) in which `sites` are the perturbed modules: the first call in a sampling run records the module order
     (and is not shared); later calls share the prefix. `shared` says whether this call shares."""
 
     def __init__(self, model: torch.nn.Module, sites: list, n: int, key):
-        super().__init__()
+        super().__init__(_PrefixToken())
         self.model, self.sites, self.n, self.b = model, set(sites), n, 2 * n
         self.key = key
         self.shared = False

@@ -21,7 +21,7 @@ import numpy as np
 from .files import atomic_path
 
 __all__ = ["ShardError", "shard_path", "shard_identity", "read_identity", "write_shard", "read_shard", "verify_shard", "to_uint8", "write_png",
-           "export_png", "png_missing"]
+           "export_png", "png_path", "read_png", "pngs_to_redo"]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _MEMBERS = ("samples", "seeds", "labels")
@@ -152,10 +152,38 @@ def write_png(path, img: np.ndarray) -> None:
 
 
 def export_png(out: Path, samples: np.ndarray, seeds: Sequence[int]) -> None:
-    """`out/png/SEED.png` for each sample."""
+    """`out/png/SEED.png` for each sample (each written atomically)."""
     for img, s in zip(to_uint8(samples), seeds):
-        write_png(out / "png" / f"{s:06d}.png", img)
+        write_png(png_path(out, s), img)
 
 
-def png_missing(out: Path, seeds: Sequence[int]) -> bool:
-    return any(not (out / "png" / f"{s:06d}.png").exists() for s in seeds)
+def png_path(out: Path, seed: int) -> Path:
+    return Path(out) / "png" / f"{int(seed):06d}.png"
+
+
+def read_png(path) -> np.ndarray | None:
+    """A PNG written by `write_png` as `[H, W, C]` uint8 (C = 1 for grayscale), or None where it is missing, does
+    not decode (truncated, corrupt), or is not 8-bit grayscale / RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode not in ("L", "RGB"):
+                return None
+            im.load()                                    # decodes every byte: a truncated file raises here
+            a = np.asarray(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return a[..., None] if a.ndim == 2 else a
+
+
+def pngs_to_redo(out: Path, samples: np.ndarray, seeds: Sequence[int]) -> list[int]:
+    """Indices `i` of `seeds` whose PNG is missing, does not decode, or is not exactly the image of `samples[i]`
+    (`to_uint8`): what a resumed run must write again."""
+    imgs = to_uint8(samples)
+    redo = []
+    for i, s in enumerate(seeds):
+        got = read_png(png_path(out, s))
+        if got is None or got.shape != imgs[i].shape or not np.array_equal(got, imgs[i]):
+            redo.append(i)
+    return redo
