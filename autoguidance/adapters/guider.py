@@ -34,7 +34,8 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from ..rng import as_seeds, mix_keys
 from ..schedules import Interval, as_schedule
-from .diffusers import VPSchedule, step_salt
+from .diffusers.model_call import step_salt
+from .diffusers.schedules import VPSchedule
 
 __all__ = ["AutoguidanceGuider"]
 

@@ -53,7 +53,7 @@ from ..guidance import Guided, Pass
 from ..perturb import Dropout, Perturbation
 from ..rng import as_seeds, mix_keys
 from ..schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
-from .diffusers import GuidedModelCall, PipelineScale
+from .diffusers.model_call import GuidedModelCall, PipelineScale
 
 __all__ = ["guided_pipeline", "GuidedPipeline", "PIPELINE_METHODS", "pipeline_model"]
 
