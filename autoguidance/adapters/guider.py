@@ -35,7 +35,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from ..rng import as_seeds, mix_keys
 from ..schedules import Interval, as_schedule
 from .diffusers.model_call import step_salt
-from .diffusers.schedules import VPSchedule
+from .diffusers.schedules import VPSchedule, is_flow_scheduler
 
 __all__ = ["AutoguidanceGuider"]
 
@@ -101,9 +101,10 @@ class AutoguidanceGuider(BaseGuidance):
 
     @classmethod
     def for_scheduler(cls, scheduler, **kwargs) -> "AutoguidanceGuider":
-        """A guider whose noise schedule is `scheduler`'s (VP betas, or flow matching)."""
+        """A guider whose noise schedule is `scheduler`'s (VP betas, or flow matching: a FlowMatch scheduler, or
+        one whose config says flow, as Sana's DPM-Solver and Wan's UniPC do)."""
         c = scheduler.config
-        if type(scheduler).__name__.startswith("FlowMatch"):
+        if is_flow_scheduler(scheduler):
             return cls(schedule="flow", num_train_timesteps=int(c.num_train_timesteps), **kwargs)
         return cls(schedule="vp", num_train_timesteps=int(c.num_train_timesteps), beta_start=float(c.beta_start),
                    beta_end=float(c.beta_end), beta_schedule=str(c.beta_schedule), **kwargs)

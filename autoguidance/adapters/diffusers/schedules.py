@@ -22,6 +22,10 @@ model timestep = t * num_train_timesteps, output by type (`prediction_type`):
 
 In EDM form x = x_t / (1 - t), sigma = t / (1 - t). `flow_times(scheduler, num_steps, mu=None)` returns the
 scheduler's own flow times (shift, dynamic shift).
+
+A scheduler is read as flow matching when its config says so (`is_flow_scheduler`): a `FlowMatch*` class,
+`use_flow_sigmas=True` (DPM-Solver / UniPC as Sana and Wan ship them) or `prediction_type="flow_prediction"`.
+Such multistep schedulers also carry `alphas_cumprod` (from their betas), which their flow sigmas do not use.
 """
 from __future__ import annotations
 
@@ -29,11 +33,20 @@ from typing import Optional
 
 import torch
 
-__all__ = ["VPSchedule", "FlowSchedule", "flow_times", "output_to_x0", "x0_to_output", "flow_output_to_x0",
-           "flow_x0_to_output", "PREDICTION_TYPES", "FLOW_PREDICTION_TYPES"]
+__all__ = ["VPSchedule", "FlowSchedule", "flow_times", "is_flow_scheduler", "output_to_x0", "x0_to_output",
+           "flow_output_to_x0", "flow_x0_to_output", "PREDICTION_TYPES", "FLOW_PREDICTION_TYPES"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTION_TYPES = ("flow", "epsilon", "sample")
+#: a flow scheduler's config `prediction_type` -> the adapter's name for it
+_FLOW_CONFIG_TYPES = {"flow_prediction": "flow", "epsilon": "epsilon", "sample": "sample"}
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether `scheduler` runs a flow-matching time axis (x_t = (1 - t) x0 + t n), from its class and config."""
+    config = getattr(scheduler, "config", None)
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(getattr(config, "use_flow_sigmas", False))
+            or getattr(config, "prediction_type", None) == "flow_prediction")
 
 
 class VPSchedule:
@@ -47,6 +60,12 @@ class VPSchedule:
                             "variance-preserving scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...), not a "
                             "flow-matching or continuous one")
         ac = torch.as_tensor(ac, dtype=torch.float64).flatten()
+        if len(ac) > 1 and float(ac[-1]) == 0.0 and float(ac[-2]) > 0.0:
+            # zero terminal SNR (Lin et al. 2023; rescale_betas_zero_snr=True): sigma_T would be infinite; use
+            # a_T = 2^-24 as diffusers' Euler / DPM-Solver / UniPC do. Guidance is affine in the output at a fixed
+            # (x_t, t), so the guided prediction at t = T does not depend on the value (up to rounding).
+            ac = ac.clone()
+            ac[-1] = 2.0 ** -24
         sigmas = ((1 - ac) / ac).sqrt()
         if len(sigmas) < 2 or not bool(torch.isfinite(sigmas).all()) or bool((sigmas[1:] <= sigmas[:-1]).any()) \
                 or float(sigmas[0]) <= 0:
@@ -88,8 +107,12 @@ class FlowSchedule:
     def __init__(self, scheduler, model=None):
         config = getattr(scheduler, "config", None)
         self.num_train_timesteps = int(getattr(config, "num_train_timesteps", 1000) or 1000)
-        # Flux-style models take t itself (they scale it by 1000 inside); SD3-style ones t * num_train_timesteps
-        self.scale = 1.0 if type(model).__name__.startswith("Flux") else float(self.num_train_timesteps)
+        # Flux-style models take t itself (they scale it by 1000 inside); SD3-style ones t * num_train_timesteps;
+        # Sana's pipeline multiplies that by the transformer's `timestep_scale`
+        name = type(model).__name__
+        self.scale = 1.0 if name.startswith("Flux") else float(self.num_train_timesteps)
+        if name.startswith("Sana"):
+            self.scale *= float(getattr(getattr(model, "config", None), "timestep_scale", 1.0) or 1.0)
         if getattr(config, "invert_sigmas", False):
             raise ValueError("inverted flow schedules (invert_sigmas=True, Mochi) are not supported: use a "
                              "FlowMatchEulerDiscreteScheduler with invert_sigmas=False")
@@ -125,12 +148,13 @@ def flow_times(scheduler, num_steps: int, mu: Optional[float] = None, device="cp
 
 
 def _make_schedule(scheduler, quantize: bool, model=None):
+    if is_flow_scheduler(scheduler):
+        return FlowSchedule(scheduler, model)
     if getattr(scheduler, "alphas_cumprod", None) is not None:
         return VPSchedule(scheduler, quantize)
-    if type(scheduler).__name__.startswith("FlowMatch"):
-        return FlowSchedule(scheduler, model)
     raise TypeError(f"DiffusersDenoiser does not know {type(scheduler).__name__}: pass a discrete VP scheduler "
-                    "with alphas_cumprod (DDPM, DDIM, Euler, DPM-Solver, ...) or FlowMatchEulerDiscreteScheduler")
+                    "with alphas_cumprod (DDPM, DDIM, Euler, DPM-Solver, ...) or a flow-matching one "
+                    "(FlowMatchEulerDiscreteScheduler, or DPM-Solver / UniPC with use_flow_sigmas=True)")
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -159,7 +183,11 @@ def x0_to_output(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, predict
 
 def _prediction_type(scheduler, prediction_type: Optional[str], flow: bool = False) -> str:
     if flow:
-        pt = prediction_type or "flow"
+        configured = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        if prediction_type is None and configured is not None and configured not in _FLOW_CONFIG_TYPES:
+            raise ValueError(f"{type(scheduler).__name__} runs flow sigmas with prediction_type {configured!r}, "
+                             f"which has no flow-matching x0: use one of {', '.join(_FLOW_CONFIG_TYPES)}")
+        pt = prediction_type or _FLOW_CONFIG_TYPES.get(configured, "flow")
         if pt not in FLOW_PREDICTION_TYPES:
             raise ValueError(f"a flow-matching model's prediction_type must be one of "
                              f"{', '.join(FLOW_PREDICTION_TYPES)}, got {pt!r}")
