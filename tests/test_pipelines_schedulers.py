@@ -41,7 +41,7 @@ def test_flow_configured_schedulers_are_flow_for_the_adapter_and_the_guider(name
     assert not DiffusersDenoiser(tiny.tiny_unet(), diffusers.DPMSolverMultistepScheduler()).is_flow
 
 
-@pytest.mark.parametrize("kind", ["sana"])
+@pytest.mark.parametrize("kind", ["sana", "wan21"])
 def test_a_sigma_interval_selects_the_flow_steps(kind):
     pipe = tiny.build(kind)
     steps, lo, hi = 4, 0.5, 3.0

@@ -31,7 +31,8 @@ from .families import register_rules
 from .schedules import (FlowSchedule, _col, _make_schedule, _prediction_type, flow_output_to_x0, flow_x0_to_output,
                         output_to_x0, x0_to_output)
 
-__all__ = ["GuidedModelCall", "PipelineModelNet", "PipelineScale", "step_salt"]
+__all__ = ["GuidedModelCall", "PipelineModelNet", "PipelineScale", "CallCFG", "guidance_rescale", "step_salt",
+           "image_seeds", "EXTRA_CHANNELS", "INTERFACE_KEYS", "check_guide_model"]
 
 
 class PipelineModelNet:
@@ -51,7 +52,7 @@ class PipelineModelNet:
         self.name = name
         self.conditional = True
         self.state: Optional[_CallState] = None     # set by GuidedModelCall for the duration of one model call
-        self.record: Optional[list] = None          # learned-variance channels of every output, in call order
+        self.record: Optional[list] = None          # every raw output of the main model, in call order
 
     def _timestep(self, level: torch.Tensor):
         st = self.state
@@ -71,23 +72,26 @@ class PipelineModelNet:
     def _run(self, x_in: torch.Tensor, timestep, labels) -> torch.Tensor:
         st = self.state
         kwargs = _rebuild(_merge(st.const, labels or {}))
+        extra = kwargs.pop(EXTRA_CHANNELS, None)
+        model_in = x_in.to(st.dtype) if extra is None else torch.cat([x_in.to(st.dtype), extra.to(st.dtype)], dim=1)
         if st.timestep_positional:     # as pipelines call: model(sample, t, ...), or by keyword
-            out = self.model(x_in.to(st.dtype), timestep, **kwargs, return_dict=st.return_dict)
+            out = self.model(model_in, timestep, **kwargs, return_dict=st.return_dict)
         else:
             kwargs[st.timestep_name] = timestep
-            out = self.model(x_in.to(st.dtype), **kwargs, return_dict=st.return_dict)
+            out = self.model(model_in, **kwargs, return_dict=st.return_dict)
         st.calls.append((self.name, len(x_in)))
-        if st.out_type is None and st.return_dict and self.name == "main":
+        if st.out_type is None and st.return_dict and self.record is not None:     # the main model's output class
             st.out_type = type(out)
         pred = out[0]
+        if self.record is not None:
+            self.record.append(pred)
         c = x_in.shape[1]
         if pred.shape[1] == 2 * c and pred.shape[2:] == x_in.shape[2:]:   # learned variance (DiT): guide the mean
-            if self.record is not None:
-                self.record.append(pred[:, c:])
             pred = pred[:, :c]
         elif pred.shape != x_in.shape:
             raise ValueError(f"{type(self.model).__name__} returned {list(pred.shape)} for an input of "
-                             f"{list(x_in.shape)}: expected the input's shape (or 2x its channels)")
+                             f"{list(model_in.shape)}: expected the sample's shape {list(x_in.shape)} (or 2x its "
+                             "channels)")
         return pred.to(torch.float64)
 
     def __call__(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
@@ -117,12 +121,21 @@ class _CallState:
         self.calls: list = []
 
 
+#: keyword arguments of diffusers models that are never per-row, whatever their first dimension (Flux's position
+#: ids `[S, 3]`, rotary embeddings `[S, D]`): they go to every call as they are
+NOT_PER_ROW = ("txt_ids", "img_ids", "image_rotary_emb", "rotary_emb")
+#: the labels key that carries a sample's extra input channels (inpainting U-Nets: mask, masked-image latents)
+EXTRA_CHANNELS = "__extra_channels__"
+
+
 def _split_rows(obj: Mapping, n: int) -> tuple[dict, dict]:
     """Keyword arguments -> (per-row ones: tensors with `n` rows, as a labels mapping; the others, as they are).
     Lists / tuples of per-row tensors (ControlNet residuals) become mappings `{"#0": ..., "#1": ...}`."""
     rows, const = {}, {}
     for k, v in obj.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+        if k in NOT_PER_ROW:
+            const[k] = v
+        elif isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
             rows[k] = v
         elif isinstance(v, Mapping):
             r, c = _split_rows(v, n)
@@ -219,23 +232,47 @@ class GuidedModelCall:
             return (t / self.schedule.scale if self.schedule.scale != 1.0 else t).clamp(1e-12, 1.0)
         return self.schedule.t_to_sigma(t).to(device)
 
-    def forward(self, args, kwargs, guides, *, seeds=None, cfg=None, max_batch=None):
+    def sample_channels(self, sample: torch.Tensor) -> int:
+        """How many of the call's input channels are the sample: the model's `out_channels` when it takes more
+        input channels than it predicts (inpainting U-Nets: 4 sample + 1 mask + 4 masked-image latents), else all
+        (learned-variance models predict more channels than they take)."""
+        config = getattr(self.model, "config", None)
+        cin, cout = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        c = sample.shape[1] if sample.ndim > 1 else 0
+        if isinstance(cin, int) and isinstance(cout, int) and 0 < cout < cin and c == cin and sample.ndim >= 4:
+            return cout
+        return c
+
+    def forward(self, args, kwargs, guides, *, seeds=None, cfg=None, max_batch=None, cfg_hint=None):
         """Guided output for one model call. `guides`: `[(Pass, Schedule or None)]`; `seeds`: `[N]` image seeds
-        (None = row index); `cfg`: None, or `(cond_first, scale)` when the pipeline batched its own CFG."""
+        (None = row index); `cfg`: None (the call holds no CFG of the pipeline), a `CallCFG`, or `(cond_first,
+        scale)` for a batched one; `cfg_hint`: how to turn the pipeline's CFG on, for the error of a CFG pass
+        without it. Returns the model's output type, or None where no guide is active and the pipeline's CFG is
+        not taken over (the caller then runs the model as it is)."""
+        cfg = CallCFG.of(cfg)
         sample, timestep, return_dict, rest = self.bind(args, kwargs)
         n = sample.shape[0]
+        idx = torch.arange(n, device=sample.device)
         halves = None
-        if cfg is not None:
-            cond_first, scale = cfg
+        if cfg is not None and cfg.layout == "batched":
+            if n % 2:
+                raise ValueError(f"a batched CFG call needs an even number of rows, got {n}")
             m = n // 2
-            halves = (slice(0, m), slice(m, n)) if cond_first else (slice(m, n), slice(0, m))
+            halves = (slice(0, m), slice(m, n)) if cfg.cond_first else (slice(m, n), slice(0, m))
         N = n // 2 if halves else n
         sl = halves[0] if halves else slice(0, n)
+        c = self.sample_channels(sample)
+        if c != sample.shape[1]:        # inpainting: the extra channels are per-row conditioning, never guided
+            rest = {**rest, EXTRA_CHANNELS: sample[:, c:]}
+            sample = sample[:, :c]
         levels_all = self.levels(timestep, n, sample.device)
         rows_kw, const = _split_rows(rest, n)
-        cond = take_rows(rows_kw, torch.arange(n, device=sample.device)[sl]) if rows_kw else None
-        uncond = take_rows(rows_kw, torch.arange(n, device=sample.device)[halves[1]]) if halves and rows_kw \
-            else None
+        cond = take_rows(rows_kw, idx[sl]) if rows_kw else None
+        uncond = None
+        if halves and rows_kw:
+            uncond = take_rows(rows_kw, idx[halves[1]])
+        elif cfg is not None and cfg.layout == "branch":
+            uncond = self._branch_uncond(cfg.uncond, const, n)
         levels = levels_all[sl]
         ts = torch.as_tensor(timestep, device=sample.device) if timestep is not None else None
         ts_call = ts if ts is None or ts.ndim == 0 or ts.numel() != n else ts[sl]
@@ -249,17 +286,20 @@ class GuidedModelCall:
                 w = w if w is not None else PipelineScale()
                 if cfg is None and not w.required:
                     continue
-                w = w.resolve(cfg[1]) if cfg is not None else w.resolve(2.0)
+                if cfg is not None and cfg.scale is None:
+                    raise ValueError("the pipeline shows no guidance scale for its CFG: give the CFG weight "
+                                     "yourself (method 'cfg' with w=)")
+                w = w.resolve(cfg.scale) if cfg is not None else w.resolve(2.0)
             if p.drop_labels:
                 if cfg is None:
-                    raise ValueError("CFG inside a pipeline uses the pipeline's own negative prompt: call the "
-                                     "pipeline with guidance_scale > 1 (it then batches [uncond, cond])")
+                    raise ValueError("CFG inside a pipeline uses the pipeline's own negative prompt, and this call "
+                                     f"holds none: {cfg_hint or 'call the pipeline with guidance_scale > 1'}")
                 sig_w = levels if not self.is_flow else t_to_sigma(levels)
                 rows = torch.nonzero(w(sig_w.to(x.dtype)).to(x.dtype).to(x.device) != 1).flatten()
                 p = dataclasses.replace(p, uncond_labels=take_rows(uncond, rows) if uncond is not None else None)
             built.append(Guide(p, w))
         sig_all = levels if not self.is_flow else t_to_sigma(levels)      # as Guided evaluates the weights
-        if halves is None and not any(bool((g.w(sig_all) != 1).any()) for g in built):
+        if cfg is None and not any(bool((g.w(sig_all) != 1).any()) for g in built):
             self.last_rows = (n, 0)
             return None                         # nothing to guide: the caller runs the model as it is
         for net in [self.net, *self.guide_nets]:
@@ -274,7 +314,7 @@ class GuidedModelCall:
                     x0 = G.flow(x, level_cmp, cond)
                 else:
                     x0 = G(x * _col((1 + levels**2).sqrt(), x), level_cmp, cond)
-            record = self.net.record
+            main = torch.cat(self.net.record)[:N]       # the main pass's raw output (it is the first N rows)
         finally:
             for net in [self.net, *self.guide_nets]:
                 net.state = None
@@ -286,9 +326,11 @@ class GuidedModelCall:
         else:
             x_edm = x * _col((1 + levels**2).sqrt(), x)
             out = x0_to_output(x0, x_edm, levels, self.prediction_type)
+        if cfg is not None and cfg.rescale > 0:
+            out = guidance_rescale(out, main[:, :c].to(torch.float64), cfg.rescale)
         out = out.to(sample.dtype)
-        if record:
-            out = torch.cat([out, torch.cat(record)[:N].to(out.dtype)], dim=1)
+        if main.shape[1] == 2 * c:                      # learned variance: the main pass's variance channels
+            out = torch.cat([out, main[:, c:].to(out.dtype)], dim=1)
         if halves:
             out = torch.cat([out, out])
         if not return_dict:
@@ -296,6 +338,88 @@ class GuidedModelCall:
         if state.out_type is not None:
             return state.out_type(sample=out)
         return _Output(sample=out)
+
+    def _branch_uncond(self, uncond_kwargs: Mapping, const: Mapping, n: int) -> Optional[dict]:
+        """The unconditional rows of a pipeline that calls its model once per CFG branch: the other branch's
+        arguments (those that differ from this call's), per-row ones as labels. A constant argument that differs
+        cannot share one batched call: refused."""
+        rows, other = _split_rows(dict(uncond_kwargs), n)
+        for k, v in other.items():
+            mine = const.get(k)
+            same = (torch.equal(v, mine) if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor)
+                    and v.shape == mine.shape else v is mine)
+            if not same:
+                raise ValueError(f"the pipeline's two CFG branches differ in {k!r}, which is not per-row, so they "
+                                 "cannot run as one batched call: pass negative-prompt embeddings of the prompt's "
+                                 "shape")
+        return rows or None
+
+
+#: config entries that fix what a diffusers model takes and returns: a guide model must agree on each
+INTERFACE_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "joint_attention_dim", "caption_channels",
+                  "text_dim", "text_embed_dim", "pooled_projection_dim", "encoder_hid_dim", "addition_embed_type",
+                  "projection_class_embeddings_input_dim", "addition_time_embed_dim", "class_embed_type",
+                  "num_class_embeds", "num_embeds_ada_norm", "patch_size", "patch_size_t", "guidance_embeds")
+
+
+def check_guide_model(guide: torch.nn.Module, model: torch.nn.Module, name: str = "model") -> None:
+    """Refuse a guide model that cannot take the main model's call: another class, or another value of one of
+    `INTERFACE_KEYS` (channels, text width, patch size, ...); the message names both."""
+    if type(guide) is not type(model):
+        raise ValueError(f"the guide is a {type(guide).__name__}, the pipeline's {name} a {type(model).__name__}: a "
+                         "guide must be a model of the same class (a smaller or shorter-trained one)")
+    gc, mc = getattr(guide, "config", None), getattr(model, "config", None)
+    for key in INTERFACE_KEYS:
+        a, b = getattr(gc, key, None), getattr(mc, key, None)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            raise ValueError(f"the guide {type(guide).__name__} has {key} {a!r} where the pipeline's {name} has "
+                             f"{b!r}: a guide must take the same inputs (same channels, text width, patch size)")
+
+
+def guidance_rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, arXiv 2305.08891, Sec. 3.4) of a guided prediction `[N, ...]` towards the
+    spread of the conditional one, in the model's output space, std per sample over all but the batch axis:
+
+        g' = phi * g * std(c) / std(g) + (1 - phi) * g
+    """
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return phi * (guided * ratio) + (1 - phi) * guided
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCFG:
+    """What a pipeline's model call holds of the pipeline's own CFG.
+
+    layout   'batched': the call's rows are `[uncond, cond]` halves (`[cond, uncond]` with `cond_first`);
+             'branch': the pipeline calls its model once per CFG branch and this is the conditional call;
+             `uncond` holds the unconditional call's arguments that differ (its negative-prompt embeddings)
+    scale    the pipeline's CFG scale for this call (`guidance_scale`, Flux's `true_cfg_scale`, Wan 2.2's
+             scale of the expert called); None where the pipeline shows none (`cfg_layout=` given)
+    rescale  the pipeline's `guidance_rescale` phi (0: none), applied after the combination
+    """
+
+    layout: str
+    scale: Optional[float]
+    cond_first: bool = False
+    rescale: float = 0.0
+    uncond: Optional[Mapping] = None
+
+    def __post_init__(self):
+        if self.layout not in ("batched", "branch"):
+            raise ValueError(f"CallCFG layout must be 'batched' or 'branch', got {self.layout!r}")
+
+    @classmethod
+    def of(cls, cfg) -> Optional["CallCFG"]:
+        """None, a CallCFG, or `(cond_first, scale)` (a batched call) -> None or a CallCFG."""
+        if cfg is None or isinstance(cfg, cls):
+            return cfg
+        cond_first, scale = cfg
+        return cls("batched", float(scale), bool(cond_first))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +450,15 @@ class _Output(dict):
 
     def __getitem__(self, k):
         return dict.__getitem__(self, "sample") if k == 0 else dict.__getitem__(self, k)
+
+
+def image_seeds(seeds, what: str = "seeds") -> torch.Tensor:
+    """`as_seeds(seeds)`, refusing negative seeds (an image seed is a torch.Generator seed, >= 0)."""
+    t = as_seeds(seeds)
+    if len(t) and bool((t < 0).any()):
+        raise ValueError(f"{what} must be >= 0 (one image seed each, as torch.Generator.manual_seed takes), got "
+                         f"{int(t.min())}")
+    return t
 
 
 def step_salt(timestep) -> int:
