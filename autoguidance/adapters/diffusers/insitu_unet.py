@@ -13,9 +13,9 @@ import torch
 
 from ...guidance import Pass
 from ...perturb import Dropout, Perturbation
-from ...rng import as_seeds, mix_keys
+from ...rng import mix_keys
 from ...schedules import ScheduleLike, as_schedule
-from .model_call import GuidedModelCall, step_salt
+from .model_call import GuidedModelCall, image_seeds, step_salt
 
 __all__ = ["InSituGuidedUNet"]
 
@@ -41,7 +41,7 @@ class InSituGuidedUNet(torch.nn.Module):
             raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got "
                             f"{type(self.perturbation).__name__}")
         self.w = as_schedule(w)
-        self.seeds = as_seeds(seeds) if seeds is not None else None
+        self.seeds = image_seeds(seeds) if seeds is not None else None
         call = GuidedModelCall(unet, scheduler, prediction_type=prediction_type)
         object.__setattr__(self, "_call", call)
         self.schedule = call.schedule
