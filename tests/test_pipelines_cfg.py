@@ -20,8 +20,6 @@ from conftest import assert_same_state, state_snapshot  # noqa: E402
 ATOL = 2e-5
 
 
-def images(out) -> np.ndarray:
-    return np.asarray(out.images if hasattr(out, "images") else out.frames)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +42,9 @@ def same_seed(kind: str, **kw) -> dict:
 def test_same_seed_prompts_are_the_pipelines_own_images(pipes, kind, kw):
     pipe = pipes[kind]
     with torch.no_grad():
-        own = images(pipe(**same_seed(kind, **kw)))
+        own = tiny.images(pipe(**same_seed(kind, **kw)))
         with guided_pipeline(pipe, "none"):
-            ours = images(pipe(**same_seed(kind, **kw)))
+            ours = tiny.images(pipe(**same_seed(kind, **kw)))
     assert abs(own[0] - own[1]).max() > 1e-3               # two prompts, two images
     assert abs(ours - own).max() < ATOL
 
@@ -98,13 +96,13 @@ def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
 def test_guidance_rescale_is_kept_under_every_method(pipes, kind):
     pipe = pipes[kind]
     with torch.no_grad():
-        own = images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
-        own_plain = images(pipe(**tiny.inputs(kind, guidance_scale=5.0)))
+        own = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
+        own_plain = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=5.0)))
         with guided_pipeline(pipe, "none"):
-            none = images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
+            none = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
         with guided_pipeline(pipe, "insitu", w=2.0, p=0.3, where="*attn1.to_out.0", seeds=[0, 1]):
-            g_rescaled = images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
-            g_plain = images(pipe(**tiny.inputs(kind, guidance_scale=5.0)))
+            g_rescaled = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=5.0, guidance_rescale=0.7)))
+            g_plain = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=5.0)))
     assert abs(own - own_plain).max() > 1e-3                 # the rescale matters here
     assert abs(none - own).max() < ATOL
     assert abs(g_rescaled - g_plain).max() > 1e-3            # and acts on the guided prediction too
@@ -118,11 +116,11 @@ def test_nine_channel_inpainting_unets_are_guided(pipes, kind):
     assert pipe.unet.config.in_channels == 9
     before = state_snapshot(pipe.unet)
     with torch.no_grad():
-        own = images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
+        own = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
         with guided_pipeline(pipe, "none"):
-            none = images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
+            none = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
         with guided_pipeline(pipe, "insitu", w=3.0, p=0.3, where="*attn1.to_out.0", seeds=[0, 1]) as gp:
-            guided = images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
+            guided = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=4.0)))
     assert abs(none - own).max() < ATOL
     assert gp.calls and {r for _, r in gp.calls} == {6} and abs(guided - own).max() > 1e-4
     assert_same_state(before, state_snapshot(pipe.unet))
@@ -133,9 +131,9 @@ def test_nine_channel_inpainting_unets_are_guided(pipes, kind):
 def test_both_experts_of_wan22_are_guided_and_each_gets_its_guide(pipes):
     pipe = pipes["wan22"]
     with torch.no_grad():
-        own = images(pipe(**tiny.inputs("wan22", guidance_scale=4.0, num_inference_steps=3)))
+        own = tiny.images(pipe(**tiny.inputs("wan22", guidance_scale=4.0, num_inference_steps=3)))
         with guided_pipeline(pipe, "perturbation", w=2.0, perturbation=SkipLayers(layers=[0])) as gp:
-            guided = images(pipe(**tiny.inputs("wan22", guidance_scale=4.0, num_inference_steps=3)))
+            guided = tiny.images(pipe(**tiny.inputs("wan22", guidance_scale=4.0, num_inference_steps=3)))
     assert gp.experts == ["transformer", "transformer_2"]
     names = [n for n, _ in gp.calls]
     assert "main" in names and "main/transformer_2" in names and {r for _, r in gp.calls} == {6}
@@ -216,9 +214,9 @@ def test_method_cfg_on_flux_is_true_cfg_at_w(pipes):
     pipe = pipes["flux"]
     neg = ["blurry", "dark"]
     with torch.no_grad():
-        own4 = images(pipe(**tiny.inputs("flux", true_cfg_scale=4.0, negative_prompt=neg)))
+        own4 = tiny.images(pipe(**tiny.inputs("flux", true_cfg_scale=4.0, negative_prompt=neg)))
         with guided_pipeline(pipe, "cfg", w=4.0) as gp:
-            ours = images(pipe(**tiny.inputs("flux", true_cfg_scale=2.0, negative_prompt=neg)))
+            ours = tiny.images(pipe(**tiny.inputs("flux", true_cfg_scale=2.0, negative_prompt=neg)))
         with pytest.raises(ValueError, match="true_cfg_scale > 1") as info:
             with guided_pipeline(pipe, "cfg", w=4.0):
                 pipe(**tiny.inputs("flux"))                    # no negative prompt: no CFG to take over

@@ -4,7 +4,6 @@ gives the pipeline's own images, the library's CFG gives the pipeline's own CFG 
 and CFG + in-situ runs every pass of a step in ONE model call of 3N rows. Issue 21, items 1, 4, 5, 6, 7."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,19 +17,10 @@ from autoguidance.perturb import SkipLayers  # noqa: E402
 ATOL = 2e-5
 
 
-def images(out) -> np.ndarray:
-    return np.asarray(out.images if hasattr(out, "images") else out.frames)
 
 
-def cfg_call(kind: str, scale: float = 4.0) -> dict:
-    """The call options that turn the pipeline's own CFG on."""
-    if kind in ("flux", "flux-dev"):
-        return {"true_cfg_scale": scale, "negative_prompt": ["blurry", "dark"]}
-    return {"guidance_scale": scale}
 
 
-def plain_call(kind: str) -> dict:
-    return {} if kind in ("flux", "flux-dev") else {"guidance_scale": 1.0}
 
 
 SKIP_LAYER_KINDS = ("flux", "flux-dev", "sd3", "dit", "pixart-alpha", "pixart-sigma", "sana", "wan21", "wan22", "ltx")
@@ -46,12 +36,12 @@ def pipes(tmp_path_factory):
 def test_no_guide_and_library_cfg_equal_the_pipelines_own(pipes, kind):
     pipe = pipes[kind]
     with torch.no_grad():
-        plain = images(pipe(**tiny.inputs(kind, **plain_call(kind))))
-        own_cfg = images(pipe(**tiny.inputs(kind, **cfg_call(kind))))
+        plain = tiny.images(pipe(**tiny.inputs(kind, **tiny.no_cfg_options(kind))))
+        own_cfg = tiny.images(pipe(**tiny.inputs(kind, **tiny.cfg_options(kind))))
         with guided_pipeline(pipe, "none") as gp:
-            none = images(pipe(**tiny.inputs(kind, **plain_call(kind))))
+            none = tiny.images(pipe(**tiny.inputs(kind, **tiny.no_cfg_options(kind))))
             assert gp.calls == []                           # no CFG, no guide: the model runs as it is
-            lib_cfg = images(pipe(**tiny.inputs(kind, **cfg_call(kind))))
+            lib_cfg = tiny.images(pipe(**tiny.inputs(kind, **tiny.cfg_options(kind))))
     assert abs(own_cfg - plain).max() > 1e-3                # CFG changes the images
     assert abs(none - plain).max() == 0
     assert abs(lib_cfg - own_cfg).max() < ATOL
@@ -69,8 +59,8 @@ def test_cfg_plus_a_guide_is_one_call_of_3n_rows_per_step(pipes, kind):
     else:                                 # dropout on the self-attention outputs (the tiny nets have no nn.Dropout)
         method = dict(method="insitu", p=0.3, where="*attn1.to_out.0")
     with torch.no_grad():
-        own_cfg = images(pipe(**tiny.inputs(kind, **cfg_call(kind))))
+        own_cfg = tiny.images(pipe(**tiny.inputs(kind, **tiny.cfg_options(kind))))
         with guided_pipeline(pipe, w=2.0, **{"seeds": [0, 1], **method}) as gp:
-            guided = images(pipe(**tiny.inputs(kind, **cfg_call(kind))))
+            guided = tiny.images(pipe(**tiny.inputs(kind, **tiny.cfg_options(kind))))
     assert gp.calls and {r for _, r in gp.calls} == {6}         # cond, uncond and degraded rows: ONE call per step
     assert abs(guided - own_cfg).max() > 1e-4

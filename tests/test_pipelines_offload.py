@@ -4,7 +4,6 @@ of the same block without offload, and the model must be left as accelerate woul
 (`device="cpu"` as the offload device)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +15,7 @@ from autoguidance.adapters import guided_pipeline, tiny  # noqa: E402
 
 
 def _images(pipe, kind, seed, kw):
-    out = pipe(**tiny.inputs(kind, seed=seed, **kw))
-    return np.asarray(out.images if hasattr(out, "images") else out.frames)
+    return tiny.images(pipe(**tiny.inputs(kind, seed=seed, **kw)))
 
 
 @pytest.mark.parametrize("kind", ["sd", "flux", "wan22"])

@@ -22,7 +22,8 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["KINDS", "build", "inputs", "model_of", "clip_tokenizer", "word_tokenizer", "tiny_clip", "tiny_vae",
-           "tiny_unet", "tiny_dit", "tiny_sd3", "tiny_flux", "tiny_wan", "ddim", "flow_match", "PROMPTS"]
+           "tiny_unet", "tiny_dit", "tiny_sd3", "tiny_flux", "tiny_wan", "ddim", "flow_match", "PROMPTS",
+           "cfg_options", "no_cfg_options", "images"]
 
 PROMPTS = ("a cat", "dog", "a red fox", "owl")
 
@@ -413,6 +414,25 @@ def model_of(pipe) -> torch.nn.Module:
     """The model a pipeline's loop calls: its `unet`, else its `transformer`."""
     unet = getattr(pipe, "unet", None)
     return unet if isinstance(unet, torch.nn.Module) else pipe.transformer
+
+
+def cfg_options(kind: str, scale: float = 4.0) -> dict:
+    """The call options that turn the pipeline's own CFG on (Flux: true CFG with a negative prompt per image)."""
+    if kind in ("flux", "flux-dev"):
+        return {"true_cfg_scale": scale, "negative_prompt": ["blurry", "dark"]}
+    return {"guidance_scale": scale}
+
+
+def no_cfg_options(kind: str) -> dict:
+    """The call options of the pipeline without CFG."""
+    return {} if kind in ("flux", "flux-dev") else {"guidance_scale": 1.0}
+
+
+def images(out):
+    """The images (or video frames) of a pipeline's output, as a float64 numpy array."""
+    import numpy as np
+
+    return np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float64)
 
 
 def _image(n: int, size: int = 8, seed: int = 0):
