@@ -179,7 +179,10 @@ class GuidedModelCall:
     guidance scale, for its CFG. When `cfg` says the pipeline batched `[uncond, cond]` (or `[cond, uncond]`),
     its conditional half is the batch and its unconditional half the input of every label-dropping pass; every
     row then returns the guided prediction, so the pipeline's own combination `u + s (c - u)` gives it back
-    unchanged. Perturbation randomness: `keys(n, timestep)` per image."""
+    unchanged. For a pipeline that calls its model once per CFG branch (`CallCFG` layout 'branch'), the call is the
+    conditional one and the unconditional rows come from `cfg.uncond`; the caller returns the same guided output
+    for the branch's second call. `guidance_rescale` (the pipeline's phi) acts after the combination. Extra input
+    channels (inpainting U-Nets) are per-row conditioning. Perturbation randomness: `keys(n, timestep)` per image."""
 
     def __init__(self, model: torch.nn.Module, scheduler, *, prediction_type: Optional[str] = None,
                  guide_models: Sequence[torch.nn.Module] = (), forward=None):
