@@ -22,6 +22,9 @@ if [ "${1:-}" = "test" ]; then
   # test stubs) and transformers' Dinov2Model (pinned: attention weight names differ between versions).
   $VPIP install -q --no-deps pytorch-fid==0.3.0
   $VPIP install -q transformers==5.24.0
+  # accelerate: the offload test runs pipe.enable_model_cpu_offload() on a CPU (pinned: its hooks are what the
+  # pipeline adapter sits inside)
+  $VPIP install -q accelerate==1.16.0
 else
   $VPIP install -q -e .
 fi

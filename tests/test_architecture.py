@@ -27,6 +27,18 @@ LAYERS = [
     ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train"}),
     ("top", {"experiments", "cli"}),
 ]
+#: the rooms of the diffusers adapter (`autoguidance.adapters.diffusers.X`) and the package modules each may import
+#: (prefixes); a model family (`families.<name>`) knows perturb and other families only, so a new family is one file.
+DIFFUSERS_ROOMS = {
+    "schedules": (),
+    "families": ("autoguidance.perturb", "autoguidance.adapters.diffusers.families"),
+    "denoiser": ("autoguidance.denoiser", "autoguidance.adapters.diffusers.schedules",
+                 "autoguidance.adapters.diffusers.families"),
+    "model_call": ("autoguidance.denoiser", "autoguidance.guidance", "autoguidance.rng", "autoguidance.schedules",
+                   "autoguidance.adapters.diffusers.schedules", "autoguidance.adapters.diffusers.families"),
+    "insitu_unet": ("autoguidance.guidance", "autoguidance.perturb", "autoguidance.rng", "autoguidance.schedules",
+                    "autoguidance.adapters.diffusers.model_call"),
+}
 #: the package's face (`autoguidance/__init__.py`) may import every layer below the top.
 FACADE_LAYER = 3.5
 CORE_LAYER = 1
@@ -189,6 +201,17 @@ def test_graph_sees_imports_inside_functions():
     assert "autoguidance.perturb" in internal["autoguidance.adapters"]
     assert not any(t.startswith("autoguidance.adapters") for m, ts in internal.items() if part(m) == "perturb"
                    for t in ts)
+
+
+def test_diffusers_adapter_rooms_keep_their_jobs():
+    internal, _ = import_graph(PACKAGE_DIR)
+    pkg = "autoguidance.adapters.diffusers"
+    rooms = sorted(m for m in internal if m.startswith(pkg + "."))
+    assert {m[len(pkg) + 1:].split(".")[0] for m in rooms} == set(DIFFUSERS_ROOMS)   # every room has a rule
+    bad = [f"{m} -> {t}" for m in rooms for t in sorted(internal[m])
+           if not t.startswith(DIFFUSERS_ROOMS[m[len(pkg) + 1:].split(".")[0]])]
+    assert bad == []
+    assert len([m for m in rooms if m.startswith(pkg + ".families.")]) >= 4        # attention, unet, sd3, flux
 
 
 # -- the checker itself ------------------------------------------------------------------------------------------

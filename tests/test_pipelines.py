@@ -1,9 +1,7 @@
 """Guidance inside diffusers pipelines (issue 13): `guided_pipeline` on tiny SD, SDXL, DiT and SD3 pipelines built
-from configs in code, text encoders and tokenizers too (a tiny vocabulary written here); nothing is downloaded."""
+from configs in code (`autoguidance.adapters.tiny`: text encoders and tokenizers too, over a tiny vocabulary);
+nothing is downloaded. The other pipeline kinds and issue 21's cases: tests/test_pipelines_*.py."""
 from __future__ import annotations
-
-import json
-import string
 
 import pytest
 import torch
@@ -12,104 +10,21 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import autoguidance as ag  # noqa: E402
-from autoguidance.adapters import guided_pipeline  # noqa: E402
+from autoguidance.adapters import guided_pipeline, tiny  # noqa: E402
 from autoguidance.perturb import Dropout, IdentityAttention, SkipLayers  # noqa: E402
 from conftest import assert_same_state, state_snapshot  # noqa: E402
 
 PROMPTS = ["a cat", "dog"]
 
 
-# -- tiny pipelines ------------------------------------------------------------------------------------------------
-
-def tiny_tokenizer(folder):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-    for c in string.ascii_lowercase:
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                                      model_max_length=8)
-
-
-def tiny_clip(projection=False, hidden=12, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.CLIPTextConfig(vocab_size=54, hidden_size=hidden, intermediate_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=8, projection_dim=5,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(cfg).eval().requires_grad_(False)
-
-
-def tiny_vae(shift=None):
-    torch.manual_seed(0)
-    kw = {} if shift is None else {"shift_factor": shift}
-    return diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                                   up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
-                                   sample_size=8, **kw).eval().requires_grad_(False)
-
-
-def tiny_unet(cross=12, sdxl=False, seed=0, blocks=(16, 32)):
-    torch.manual_seed(seed)
-    kw = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-              projection_class_embeddings_input_dim=6 * 4 + 5) if sdxl else {}
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=blocks,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross, norm_num_groups=8, attention_head_dim=8, **kw).eval().requires_grad_(False)
-
-
-def ddim():
-    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
+# -- tiny pipelines (autoguidance.adapters.tiny: the one place the tests and the pipeline table build them) ----
 
 def sd_pipe(tmp_path):
-    return quiet(diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=tiny_tokenizer(tmp_path), unet=tiny_unet(),
-        scheduler=ddim(), safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    return tiny.build("sd", tmp_path)
 
 
-def sdxl_pipe(tmp_path):
-    tok = tiny_tokenizer(tmp_path)
-    return quiet(diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=tiny_clip(), text_encoder_2=tiny_clip(projection=True, seed=1), tokenizer=tok,
-        tokenizer_2=tok, unet=tiny_unet(cross=24, sdxl=True), scheduler=diffusers.EulerDiscreteScheduler(
-            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)))
-
-
-def tiny_dit(seed=0):
-    torch.manual_seed(seed)
-    return diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4).eval().requires_grad_(False)
-
-
-def dit_pipe():
-    return quiet(diffusers.DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=ddim()))
-
-
-def tiny_sd3(seed=0, layers=3):
-    torch.manual_seed(seed)
-    return diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-        pos_embed_max_size=16).eval().requires_grad_(False)
-
-
-def sd3_pipe(tmp_path):
-    tok = tiny_tokenizer(tmp_path)
-    return quiet(diffusers.StableDiffusion3Pipeline(
-        transformer=tiny_sd3(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
-                                                                                   shift=3.0),
-        vae=tiny_vae(shift=0.0), text_encoder=tiny_clip(projection=True), tokenizer=tok,
-        text_encoder_2=tiny_clip(projection=True, seed=1), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None))
+def tiny_unet(seed=0, blocks=(16, 32)):
+    return tiny.tiny_unet(seed=seed, blocks=blocks)
 
 
 def run(pipe, kind, n=2, steps=3, **kw):
@@ -120,8 +35,7 @@ def run(pipe, kind, n=2, steps=3, **kw):
     return pipe(PROMPTS[:n], num_inference_steps=steps, generator=g, output_type="np", **kw).images
 
 
-def model_of(pipe):
-    return pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+model_of = tiny.model_of
 
 
 def input_rows(model):
@@ -134,18 +48,13 @@ def input_rows(model):
     return rows
 
 
-PIPES = {
-    "sd": lambda tmp: sd_pipe(tmp),
-    "sdxl": lambda tmp: sdxl_pipe(tmp),
-    "dit": lambda tmp: dit_pipe(),
-    "sd3": lambda tmp: sd3_pipe(tmp),
-}
+PIPES = ("sd", "sdxl", "dit", "sd3")
 
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tok")
-    return {k: f(tmp) for k, f in PIPES.items()}
+    return {k: tiny.build(k, tmp) for k in PIPES}
 
 
 # -- equality with the pipeline's own loop ---------------------------------------------------------------------------
@@ -248,7 +157,8 @@ def test_pipeline_restored_after_an_exception_and_save_pretrained_round_trips(pi
     assert abs(run(pipe, "sd", guidance_scale=3.0) - plain).max() == 0
     pipe.save_pretrained(tmp_path / "after")
     for folder in ("inside", "after"):
-        back = quiet(diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / folder, local_files_only=True))
+        back = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / folder, local_files_only=True)
+        back.set_progress_bar_config(disable=True)
         assert abs(run(back, "sd", guidance_scale=3.0) - plain).max() < 1e-6
 
 
@@ -292,7 +202,7 @@ def test_guider_equals_the_context_managers_arithmetic(pert, kw):
     from autoguidance.methods import make_perturbation
     from autoguidance.schedules import as_schedule
 
-    unet, sched = tiny_unet(), ddim()
+    unet, sched = tiny_unet(), tiny.ddim()
     before = state_snapshot(unet)
     g = torch.Generator().manual_seed(0)
     x, cond, uncond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.zeros(2, 5, 12)
@@ -318,7 +228,7 @@ def test_guider_equals_the_context_managers_arithmetic(pert, kw):
 def test_guider_is_serialisable_like_diffusers_guiders(tmp_path):
     from autoguidance.adapters.guider import AutoguidanceGuider
 
-    guider = AutoguidanceGuider.for_scheduler(ddim(), w=2.5, p=0.15, guidance_scale=3.0, sigma_lo=0.28, sigma_hi=5.4,
+    guider = AutoguidanceGuider.for_scheduler(tiny.ddim(), w=2.5, p=0.15, guidance_scale=3.0, sigma_lo=0.28, sigma_hi=5.4,
                                               seeds=[1, 2, 3])
     guider.save_pretrained(tmp_path / "guider")
     back = AutoguidanceGuider.from_pretrained(tmp_path / "guider")

@@ -1,14 +1,19 @@
-"""`autoguidance pipe` on a tiny Stable-Diffusion-like pipeline saved by the test (nothing downloaded)."""
+"""`autoguidance pipe` on tiny pipelines saved by the test (SD, SD3 without T5, Flux; nothing downloaded), and the
+command's items of issue 21 (skip layers, negative prompts, prompt files, one-line errors, quiet loading)."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from autoguidance.adapters import tiny  # noqa: E402
 from autoguidance.cli import main  # noqa: E402
 from test_pipelines import sd_pipe  # noqa: E402
 
@@ -48,3 +53,90 @@ def test_pipe_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a diffusers pipeline" in lines[0] and "save_pretrained" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# -- issue 21, item 10 ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipes")
+    for kind in ("sd3", "flux"):
+        tiny.build(kind, tmp).save_pretrained(tmp / kind)
+    return tmp
+
+
+def _pngs(out):
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted((out / "png").glob("*.png"))}
+
+
+def _one_error_line(capsys, argv, *words):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("autoguidance: error:")]
+    assert len(lines) == 1 and "Traceback" not in err and all(w in lines[0] for w in words), err
+    return err
+
+
+def test_pipe_skiplayers_on_an_sd3_folder_saved_without_t5(folders, tmp_path):
+    base = ["pipe", str(folders / "sd3"), "--prompt", "a cat", "--seeds", "0-1", "--steps", "2", "--guidance-scale",
+            "3", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "none")]) == 0               # SD3 without T5 loads
+    assert main(base + ["--method", "perturbation", "--perturbation", "skiplayers", "--layers", "1", "--w", "2",
+                        "--out", str(tmp_path / "slg")]) == 0
+    a, b = _pngs(tmp_path / "none"), _pngs(tmp_path / "slg")
+    assert a.keys() == b.keys() and any(abs(a[k] - b[k]).max() > 0 for k in a)
+    rec = json.loads((tmp_path / "slg" / "run.json").read_text())
+    assert rec["config"]["perturbation"] == "skiplayers" and rec["config"]["layers"] == [1]
+
+
+def test_pipe_negative_prompt_prompt_file_and_the_scale_used(sd_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\ndog\n")
+    base = ["pipe", str(sd_folder), "--prompts", str(prompts), "--seeds", "0-2", "--steps", "2", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--negative-prompt", "dark", "--out", str(tmp_path / "b")]) == 0
+    rec = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert rec["config"]["prompts"] == ["a cat", "dog"] and rec["config"]["guidance_scale"] == 7.5  # SD's default
+    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert any(abs(a[k] - b[k]).max() > 0 for k in a)                         # the negative prompt acts
+    pipe = tiny.build("sd", tmp_path)                                          # seed 1 gets prompt 1 % 2
+    with torch.no_grad():
+        img = pipe(["dog"], num_inference_steps=2, guidance_scale=7.5, output_type="np",
+                   generator=[torch.Generator().manual_seed(1)]).images[0]
+    assert abs(np.round(img * 255).astype(int) - a["000001.png"]).max() <= 1
+
+
+def test_pipe_negative_prompt_acts_on_flux(folders, tmp_path, capsys):
+    base = ["pipe", str(folders / "flux"), "--prompt", "a cat", "--seeds", "0-1", "--steps", "2", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--negative-prompt", "dark", "--true-cfg-scale", "3", "--out", str(tmp_path / "b")]) == 0
+    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert any(abs(a[k] - b[k]).max() > 0 for k in a)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["true_cfg_scale"] == 3.0
+    _one_error_line(capsys, base + ["--negative-prompt", "dark", "--out", str(tmp_path / "c")], "--true-cfg-scale")
+
+
+def test_pipe_bad_steps_and_seeds_are_one_line(sd_folder, tmp_path, capsys):
+    base = ["pipe", str(sd_folder), "--prompt", "a cat", "--no-progress", "--out", str(tmp_path / "o")]
+    _one_error_line(capsys, base + ["--steps", "0"], "--steps")
+    _one_error_line(capsys, base + ["--seeds", "-1"], "--seeds", ">= 0")
+
+
+def test_pipe_no_progress_silences_loading_and_errors_start_their_own_line(sd_folder, tmp_path, capsys):
+    base = ["pipe", str(sd_folder), "--prompt", "a cat", "--seeds", "0", "--steps", "1"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "bars")]) == 0
+    assert "Loading pipeline components" in capsys.readouterr().err          # the bars this flag must silence
+    assert main(base + ["--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+    assert capsys.readouterr().err.strip() == ""
+    # method cfg without the pipeline's CFG is refused at the first model call, after the bar is drawn: the error
+    # starts its own line
+    err = _one_error_line(capsys, base + ["--method", "cfg", "--guidance-scale", "1", "--out", str(tmp_path / "h")],
+                          "guidance_scale > 1")
+    assert "0/1" in err and "\nautoguidance: error:" in err
+    # that run made no image, so it does not hold the folder against the corrected rerun
+    assert main(base + ["--method", "cfg", "--guidance-scale", "3", "--no-progress", "--out", str(tmp_path / "h")]) == 0

@@ -23,7 +23,7 @@ _GUIDER_NAMES = {"AutoguidanceGuider"}
 
 
 def _diffusers_rules() -> None:
-    from .diffusers import register_rules
+    from .diffusers.families import register_rules
     register_rules()
 
 

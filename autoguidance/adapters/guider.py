@@ -32,9 +32,11 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..rng import as_seeds, mix_keys
-from ..schedules import Interval, as_schedule
-from .diffusers import VPSchedule, step_salt
+from ..rng import mix_keys
+from ..schedules import Interval, as_schedule, check_weight
+from .diffusers.model_call import image_seeds, step_salt
+from .pipeline import KEYLESS_PERTURBATIONS, make_pipeline_perturbation
+from .diffusers.schedules import VPSchedule, is_flow_scheduler
 
 __all__ = ["AutoguidanceGuider"]
 
@@ -72,12 +74,13 @@ class AutoguidanceGuider(BaseGuidance):
         if perturbation in _INPUT_MOVING:
             raise ValueError(f"perturbation {perturbation} moves the input, which a modular loop's guider cannot "
                              "do: use autoguidance.adapters.guided_pipeline")
-        hi = math.inf if sigma_hi is None else float(sigma_hi)
-        self.w_schedule = Interval(float(w), float(sigma_lo), hi) if (float(sigma_lo), hi) != (0.0, math.inf) \
-            else as_schedule(float(w))
-        self.guidance_scale = float(guidance_scale)
-        self.perturbation = self._make_perturbation(perturbation, p, where, layers)
-        self._seeds = as_seeds(seeds) if seeds is not None else None
+        w = check_weight(w, "AutoguidanceGuider w")
+        lo, hi = (_sigma(sigma_lo, "sigma_lo"), math.inf if sigma_hi is None else _sigma(sigma_hi, "sigma_hi"))
+        self.w_schedule = Interval(w, lo, hi) if (lo, hi) != (0.0, math.inf) else as_schedule(w)
+        self.guidance_scale = check_weight(guidance_scale, "AutoguidanceGuider guidance_scale")
+        self.perturbation = make_pipeline_perturbation(
+            perturbation, p, where if where is None or isinstance(where, str) else ",".join(where), layers)
+        self._seeds = image_seeds(seeds, "AutoguidanceGuider seeds") if seeds is not None else None
         self._vp = None
         if schedule == "vp":
             from diffusers import DDPMScheduler
@@ -88,21 +91,12 @@ class AutoguidanceGuider(BaseGuidance):
         self._rows = 0
         self._stack: Optional[ExitStack] = None
 
-    @staticmethod
-    def _make_perturbation(name, p, where, layers):
-        if name == "skiplayers":
-            from ..perturb import SkipLayers
-
-            return SkipLayers(layers=list(layers or []))
-        from ..methods import make_perturbation
-
-        return make_perturbation(name, p, where if where is None or isinstance(where, str) else ",".join(where))
-
     @classmethod
     def for_scheduler(cls, scheduler, **kwargs) -> "AutoguidanceGuider":
-        """A guider whose noise schedule is `scheduler`'s (VP betas, or flow matching)."""
+        """A guider whose noise schedule is `scheduler`'s (VP betas, or flow matching: a FlowMatch scheduler, or
+        one whose config says flow, as Sana's DPM-Solver and Wan's UniPC do)."""
         c = scheduler.config
-        if type(scheduler).__name__.startswith("FlowMatch"):
+        if is_flow_scheduler(scheduler):
             return cls(schedule="flow", num_train_timesteps=int(c.num_train_timesteps), **kwargs)
         return cls(schedule="vp", num_train_timesteps=int(c.num_train_timesteps), beta_start=float(c.beta_start),
                    beta_end=float(c.beta_end), beta_schedule=str(c.beta_schedule), **kwargs)
@@ -147,7 +141,13 @@ class AutoguidanceGuider(BaseGuidance):
         return plan[i] if i < len(plan) else plan[-1]
 
     def keys(self, n: int) -> torch.Tensor:
-        """Per-row keys of the degraded pass: `mix(seed, step salt)`, as `guided_pipeline` draws them."""
+        """Per-row keys of the degraded pass: `mix(seed, step salt)`, as `guided_pipeline` draws them. A modular
+        pipeline does not give its guider the generators, so without `seeds` a random perturbation's masks would
+        follow the batch position: refused for batches of more than one image."""
+        if self._seeds is None and n > 1 and self.config.perturbation not in KEYLESS_PERTURBATIONS:
+            raise ValueError(f"AutoguidanceGuider(perturbation={self.config.perturbation!r}) draws per-image random "
+                             f"numbers and got a batch of {n} images without seeds, so an image would depend on its "
+                             "batch position: pass seeds= one per image (guider.new(seeds=[...]))")
         seeds = self._seeds if self._seeds is not None else torch.arange(n, dtype=torch.int64)
         if len(seeds) != n:
             raise ValueError(f"AutoguidanceGuider has {len(seeds)} seeds for a batch of {n} images: pass one seed "
@@ -192,6 +192,12 @@ class AutoguidanceGuider(BaseGuidance):
             w = float(self.w_schedule(self.sigma().to(torch.float32))[0])
             pred = pred + (w - 1) * (pred_cond - pred_bad)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+def _sigma(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+        raise ValueError(f"AutoguidanceGuider {what} must be a noise level >= 0 (a number), got {v!r}")
+    return float(v)
 
 
 def _rows_of(data) -> int:

@@ -14,27 +14,37 @@
     with guided_pipeline(pipe, lambda D: ag.insitu(D, 3.0, 0.1, module=D.model)):   # any Guided over D
         ...
 
-How it works. On entry the model the pipeline calls (`pipe.unet`, else `pipe.transformer`; `component=` names
-another) gets an instance-level `forward` that guides each call; nothing else changes: `pipe.unet` stays the same
-object, so `pipe.save_pretrained` and `from_pretrained` round-trip inside and after the block. On exit (also after
-an exception) the instance `forward` is removed (or the one that was there, e.g. accelerate's offload hook, is put
-back), so the model is exactly as found.
+How it works. On entry every model the pipeline's loop calls (its experts: `pipe.unet`, else `pipe.transformer`
+and `pipe.transformer_2` (Wan 2.2); `component=` names others) gets a `forward` that guides each call; nothing else
+changes: `pipe.unet` stays the same object, so `pipe.save_pretrained` and `from_pretrained` round-trip inside and
+after the block. Under accelerate's offload hooks (`pipe.enable_model_cpu_offload()`) the guided forward sits where
+the hook keeps the model's own forward (`_old_forward`), so the hook still moves the model to its device first and
+the pipeline's re-installation of its hooks after each call carries the guided forward over: every call of the
+block is guided. On exit (also after an exception) the guided forward is removed wherever it sits and what was
+there put back, so the model is exactly as found.
 
 Each model call (positional or keyword arguments, `return_dict` either way) becomes a denoiser evaluation: the
 sample and the timestep give EDM `(x, sigma)` (VP schedulers: DDPM, DDIM, Euler, DPM-Solver, ...) or flow time t
-(`FlowMatchEulerDiscreteScheduler`); the per-row keyword arguments (text embeddings, pooled projections, SDXL's
-`added_cond_kwargs`, class labels, ControlNet residuals) are the labels. The method's passes run as the library's
-`Guided` plans them (every pass of the same model in ONE batched call), are combined in x0 space and the result
-is returned in the model's own output type: at fixed (x_t, t) the x0 prediction is affine in the model output
-(epsilon, v, sample, flow velocity) with weights summing to one, so the x0 combination IS the output combination.
+(flow-matching schedulers, and DPM-Solver / UniPC with flow sigmas); the per-row keyword arguments (text
+embeddings, pooled projections, SDXL's `added_cond_kwargs`, class labels, ControlNet residuals, an inpainting
+U-Net's mask and masked-image channels) are the labels. The method's passes run as the library's `Guided` plans
+them (every pass of the same model in ONE batched call), are combined in x0 space and the result is returned in
+the model's own output type: at fixed (x_t, t) the x0 prediction is affine in the model output (epsilon, v,
+sample, flow velocity) with weights summing to one, so the x0 combination IS the output combination.
 Learned-variance channels (DiT) come from the main pass.
 
-**The pipeline's own CFG.** When the pipeline batches `[uncond, cond]` (its `guidance_scale > 1`; DiT batches
-`[cond, uncond]`), the library takes over: the conditional half is the batch, the unconditional half the input of
-the CFG pass, whose weight is the pipeline's `guidance_scale` (as the user meant it), under `cfg_interval` if
-given. Every row is returned guided, so the pipeline's `u + s (c - u)` gives the guided prediction back exactly.
-So `guidance_scale > 1` plus method `insitu` is CFG + in-situ as 3 passes in one call (not 4 in two).
-Pipelines that run their CFG passes as separate calls (Flux's true CFG) are guided per call, without take-over.
+**The pipeline's own CFG** is read from the pipeline's running call, never from the values of the model's inputs
+(`adapters/pipeline_cfg.py`): its `do_classifier_free_guidance` (Flux: `do_true_cfg`), its scale, its latents.
+When it batches `[uncond, cond]` (DiT: `[cond, uncond]`), the library takes over: the conditional half is the
+batch, the unconditional half the input of the CFG pass, whose weight is the pipeline's scale (as the user meant
+it), under `cfg_interval` if given. Every row is returned guided, so the pipeline's `u + s (c - u)` gives the
+guided prediction back exactly. So `guidance_scale > 1` plus method `insitu` is CFG + in-situ as 3 passes in one
+call (not 4 in two). Pipelines that call their model once per CFG branch (Flux's true CFG, Wan) are taken over
+the same way: on the conditional call every pass runs in one batched call (the unconditional rows from the
+pipeline's negative-prompt embeddings), and both branch calls return the guided prediction, the second without a
+model call. The pipeline's `guidance_rescale` (SD, SDXL, LTX) is applied to the guided prediction after the
+combination (`guidance_rescale`), under every method. Where the layout cannot be read, the call is refused with
+one line naming `cfg_layout=`.
 
 **Randomness** of perturbations is per image: from `seeds=` (one per image), else from the pipeline's `generator`
 (a list: each generator's initial seed; one generator: its seed and the image index), else the image index; and
@@ -44,18 +54,19 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import sys
+import inspect
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from ..guidance import Guided, Pass
 from ..perturb import Dropout, Perturbation
-from ..rng import as_seeds, mix_keys
 from ..schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
-from .diffusers import GuidedModelCall, PipelineScale
+from .diffusers.model_call import GuidedModelCall, PipelineScale, check_guide_model, image_seeds
+from .pipeline_cfg import CFG_LAYOUTS, cfg_hint, pipeline_frame_locals, read_call, same_tensor, seeds_from_generator
 
-__all__ = ["guided_pipeline", "GuidedPipeline", "PIPELINE_METHODS", "pipeline_model"]
+__all__ = ["guided_pipeline", "GuidedPipeline", "PIPELINE_METHODS", "pipeline_model", "pipeline_experts",
+           "make_pipeline_perturbation", "KEYLESS_PERTURBATIONS"]
 
 #: method name -> what the guide pass is (the pipeline's own CFG is added whenever it batches [uncond, cond])
 PIPELINE_METHODS = {
@@ -65,103 +76,190 @@ PIPELINE_METHODS = {
     "perturbation": "the same model under `perturbation` (any autoguidance.perturb.Perturbation)",
     "autoguidance": "a guide model of the same kind (`guide=`, smaller / shorter-trained)",
 }
-#: pipelines that batch [cond, uncond] (the others batch [uncond, cond])
-COND_FIRST = ("DiTPipeline",)
 MODEL_COMPONENTS = ("unet", "transformer")
 
 _INSIDE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("autoguidance_pipeline_inside",
                                                                     default=frozenset())
 
 
-def pipeline_model(pipe, component: Optional[str] = None) -> tuple[str, torch.nn.Module]:
-    """`(name, module)` of the model the pipeline's loop calls: `component`, else `unet`, else `transformer`."""
-    names = [component] if component else list(MODEL_COMPONENTS)
-    for name in names:
-        m = getattr(pipe, name, None)
-        if isinstance(m, torch.nn.Module):
-            return name, m
-    raise ValueError(f"{type(pipe).__name__} has no {' or '.join(repr(n) for n in names)} model to guide: pass "
-                     "component=<the name of the model its loop calls>")
+def pipeline_experts(pipe, component: Union[None, str, Sequence[str]] = None) -> list[tuple[str, torch.nn.Module]]:
+    """`[(name, module)]` of the models the pipeline's loop calls: `component` (a name or names), else `unet`,
+    else every `transformer` component (`transformer`, `transformer_2`, ...: the experts of Wan 2.2)."""
+    if component is not None:
+        names = [component] if isinstance(component, str) else list(component)
+        out = []
+        for name in names:
+            m = getattr(pipe, name, None)
+            if not isinstance(m, torch.nn.Module):
+                raise ValueError(f"{type(pipe).__name__} has no model {name!r} to guide: pass component=<the name of "
+                                 "the model its loop calls> (e.g. 'unet', 'transformer')")
+            if not _takes_timestep(m):
+                raise ValueError(f"component {name!r} of {type(pipe).__name__} is a {type(m).__name__}, whose forward "
+                                 "takes no timestep: pass component= the denoising model its loop calls (e.g. 'unet', "
+                                 "'transformer')")
+            out.append((name, m))
+        return out
+    if isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        return [("unet", pipe.unet)]
+    comps = getattr(pipe, "components", None) or {}
+    names = [k for k in comps if k == "transformer" or (k.startswith("transformer_") and k[12:].isdigit())]
+    out = [(k, getattr(pipe, k)) for k in names if isinstance(getattr(pipe, k, None), torch.nn.Module)]
+    if not out and isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        out = [("transformer", pipe.transformer)]
+    if not out:
+        raise ValueError(f"{type(pipe).__name__} has no 'unet' or 'transformer' model to guide: pass "
+                         "component=<the name of the model its loop calls>")
+    return out
 
 
-def _pipeline_frame_locals(pipe) -> dict:
-    """The local variables of the pipeline's running `__call__` (its `guidance_scale`, `generator`), or {}."""
-    f = sys._getframe(2)
-    for _ in range(40):
-        if f is None:
-            break
-        if f.f_locals.get("self") is pipe:
-            return f.f_locals
-        f = f.f_back
-    return {}
+#: perturbations (by name) that draw no random numbers, so their images need no per-image seeds
+KEYLESS_PERTURBATIONS = ("identityattention", "seg", "skiplayers")
 
 
-def _guidance_scale(pipe, local: dict) -> Optional[float]:
-    for name in ("_guidance_scale",):
-        v = getattr(pipe, name, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    v = local.get("guidance_scale")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def make_pipeline_perturbation(name: str, p, where: Optional[str] = None, layers=None,
+                               blocks: Optional[str] = None) -> Perturbation:
+    """A perturbation by name for a pipeline's model: the names of `autoguidance.methods.PERTURBATIONS` at strength
+    `p` on sites `where`, and 'skiplayers' (skip-layer guidance: `layers`, block indices, in the block list
+    `blocks`)."""
+    if name == "skiplayers":
+        from ..perturb import SkipLayers
+
+        if not layers:
+            raise ValueError("perturbation skiplayers needs the blocks to skip: layers=[indices] (CLI: --layers 7,8,9)")
+        return SkipLayers(layers=list(layers), blocks=blocks)
+    if layers or blocks is not None:
+        raise ValueError(f"layers / blocks belong to perturbation skiplayers, not {name}: drop them or use "
+                         "skiplayers")
+    from ..methods import make_perturbation
+
+    return make_perturbation(name, p, where)
 
 
-def _does_cfg(pipe, local: dict, scale: Optional[float]) -> bool:
+def _takes_timestep(model: torch.nn.Module) -> bool:
     try:
-        v = getattr(pipe, "do_classifier_free_guidance")
-        if isinstance(v, bool):
-            return v
-    except Exception:  # noqa: BLE001 - a property that needs state the pipeline has not set
-        pass
-    return scale is not None and scale > 1
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return any(k in params for k in ("timestep", "timesteps", "t"))
 
 
-def seeds_from_generator(generator, n: int) -> Optional[torch.Tensor]:
-    """Image seeds from a pipeline's `generator`: a list of n generators -> their initial seeds; one generator ->
-    its seed mixed with the image index; None -> None."""
-    if isinstance(generator, (list, tuple)) and len(generator) == n:
-        return torch.tensor([int(g.initial_seed()) for g in generator], dtype=torch.int64)
-    if isinstance(generator, torch.Generator):
-        return mix_keys(torch.arange(n, dtype=torch.int64), int(generator.initial_seed()) & ((1 << 62) - 1))
-    return None
+def pipeline_model(pipe, component: Optional[str] = None) -> tuple[str, torch.nn.Module]:
+    """`(name, module)` of the (first) model the pipeline's loop calls: `component`, else `unet`, else
+    `transformer`."""
+    return pipeline_experts(pipe, component)[0]
+
+
+class _Expert:
+    """One model the pipeline calls, while guided: its `GuidedModelCall`, its passes, and where its guided forward
+    sits (`slot`: 'forward', or accelerate's '_old_forward') with what was there (`saved`, None: nothing)."""
+
+    def __init__(self, name: str, model: torch.nn.Module, call: GuidedModelCall):
+        self.name, self.model, self.call = name, model, call
+        self.guides: list = []
+        self.slot: Optional[str] = None
+        self.saved = None
+        self.inner = None
+        self.fn = None
+        self.handle = None            # the forward pre-hook that reads each call before offload hooks move it
+        self.read = None              # that reading, for the forward it precedes
 
 
 class GuidedPipeline:
     """The context manager `guided_pipeline` returns (see the module docstring). Attributes while active:
-    `denoiser` (the pipeline's model as a denoiser, `D.model` the module), `calls` (`(net, rows)` of every model
-    call made), `last_rows`, `seeds` (settable between pipeline calls)."""
+    `denoiser` (the pipeline's (first) model as a denoiser, `D.model` the module), `experts` (the names of the
+    models guided), `calls` (`(net, rows)` of every model call made, all experts), `last_rows`, `seeds` (settable
+    between pipeline calls)."""
 
     def __init__(self, pipe, method: Union[str, Callable[[Any], Guided]] = "none", *,
                  w:            Optional[ScheduleLike] = None,              # guide weight, a number or w(sigma)
                  p:            ScheduleLike = 0.1,                         # insitu: dropout probability (or p(sigma))
                  where=None,                                               # insitu: dropout sites (default nn.Dropout)
                  perturbation: Optional[Perturbation] = None,              # method 'perturbation'
-                 guide:        Optional[torch.nn.Module] = None,           # method 'autoguidance': the guide model
+                 guide=None,                                               # 'autoguidance': a model, or {expert: model}
                  interval:     Optional[tuple] = None,                     # (sigma_lo, sigma_hi]: w inside, 1 outside
                  cfg_interval: Optional[tuple] = None,                     # the same for the pipeline's CFG
                  seeds:        Optional[Sequence[int]] = None,             # one per image; None: from the generator
-                 component:    Optional[str] = None,                       # default: unet, else transformer
+                 component:    Union[None, str, Sequence[str]] = None,     # default: unet, else every transformer
                  prediction_type: Optional[str] = None,                    # default: the scheduler's
+                 cfg_layout:   Optional[str] = None,                       # default: read from the pipeline's call
                  max_batch:    Optional[int] = None):                      # rows per model call
         self.pipe = pipe
-        self.component, self.model = pipeline_model(pipe, component)
+        experts = pipeline_experts(pipe, component)
+        if cfg_layout is not None and cfg_layout not in CFG_LAYOUTS:
+            raise ValueError(f"cfg_layout must be one of {', '.join(CFG_LAYOUTS)}, got {cfg_layout!r}")
+        self.cfg_layout = cfg_layout
         self.method = method
-        self.seeds = as_seeds(seeds) if seeds is not None else None
+        self.seeds = seeds
         self.max_batch = max_batch
-        self._guide_model = guide
-        self._saved_forward = None
+        guides_of = self._guide_models(experts, method, guide)
+        self._experts: list[_Expert] = []
+        self._calls: list = []
+        for name, model in experts:
+            g = guides_of.get(name)
+            inner = _own_forward(model)
+            call = GuidedModelCall(model, pipe.scheduler, prediction_type=prediction_type,
+                                   guide_models=[g] if g is not None else [], forward=inner)
+            call.calls = self._calls                 # one record of calls for every expert, in call order
+            if experts and name != experts[0][0]:    # calls of the other experts: 'main/transformer_2', ...
+                for net in (call.net, *call.guide_nets):
+                    net.name = f"{net.name}/{name}"
+            ex = _Expert(name, model, call)
+            ex.guides = self._build(ex, method, w=w, p=p, where=where, perturbation=perturbation,
+                                    guide=g, interval=interval, cfg_interval=cfg_interval)
+            self._experts.append(ex)
+        self.component, self.model = experts[0]
+        self.call = self._experts[0].call
+        self.denoiser = self.call.net
+        self._guide_models_of = guides_of
         self._active = False
         self._token = object()
-        orig = self.model.__dict__.get("forward")
-        self.call = GuidedModelCall(self.model, pipe.scheduler, prediction_type=prediction_type,
-                                    guide_models=[guide] if guide is not None else [], forward=orig)
-        self.denoiser = self.call.net
-        self.guides = self._build(method, w=w, p=p, where=where, perturbation=perturbation, guide=guide,
-                                  interval=interval, cfg_interval=cfg_interval)
+        self._pending = None          # a per-branch pipeline's guided output, for its unconditional call
+        self._last = self._experts[0]
+
+    @property
+    def experts(self) -> list[str]:
+        return [ex.name for ex in self._experts]
+
+    @property
+    def seeds(self) -> Optional[torch.Tensor]:
+        """One seed per image of the next pipeline call (None: from the pipeline's generator)."""
+        return self._seeds
+
+    @seeds.setter
+    def seeds(self, seeds) -> None:
+        self._seeds = image_seeds(seeds) if seeds is not None else None
 
     # -- the method --------------------------------------------------------------------------------------------
-    def _build(self, method, *, w, p, where, perturbation, guide, interval, cfg_interval) -> list:
-        D, model = self.call.net, self.model
-        cfg_w = PipelineScale(*_interval(cfg_interval)) if cfg_interval is not None else None
+    def _guide_models(self, experts, method, guide) -> dict:
+        """expert name -> its guide model (method 'autoguidance'): one model for one expert, or a mapping."""
+        if method != "autoguidance" and not (callable(method) and not isinstance(method, str)):
+            return {}
+        if guide is None:
+            return {}
+        names = [n for n, _ in experts]
+        models = dict(experts)
+        if isinstance(guide, torch.nn.Module):
+            if len(names) > 1:
+                raise ValueError(f"{type(self.pipe).__name__} has {len(names)} experts ({', '.join(names)}): pass "
+                                 "guide={" + ", ".join(f"{n!r}: <its guide model>" for n in names) + "}, one guide "
+                                 "model per expert")
+            check_guide_model(guide, models[names[0]], names[0])
+            return {names[0]: guide}
+        if isinstance(guide, dict):
+            missing = [n for n in names if not isinstance(guide.get(n), torch.nn.Module)]
+            extra = [k for k in guide if k not in names]
+            if missing or extra:
+                raise ValueError(f"guide= must map every expert of {type(self.pipe).__name__} ({', '.join(names)}) "
+                                 f"to its guide model; missing {missing or 'none'}, unknown {extra or 'none'}")
+            for n in names:
+                check_guide_model(guide[n], models[n], n)
+            return dict(guide)
+        raise TypeError("method autoguidance needs guide= a model of the same kind as the pipeline's "
+                        f"{names[0]} (loaded by you), or {{expert: model}}; got {type(guide).__name__}")
+
+    def _build(self, ex: _Expert, method, *, w, p, where, perturbation, guide, interval, cfg_interval) -> list:
+        D, model = ex.call.net, ex.model
+        cfg_w = PipelineScale(*_interval(cfg_interval, "cfg_interval")) if cfg_interval is not None else None
         if callable(method) and not isinstance(method, str):
             g = method(D)
             if not isinstance(g, Guided):
@@ -172,7 +270,7 @@ class GuidedPipeline:
             guides = [(gd.pass_, gd.w) for gd in g.guides]
             if not any(gd.pass_.drop_labels for gd in g.guides):
                 guides.insert(0, (Pass(D, drop_labels=True), cfg_w))
-            return self._map_guides(guides)
+            return self._map_guides(ex, guides)
         if method not in PIPELINE_METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(PIPELINE_METHODS)}, or a "
                              "function D -> Guided")
@@ -201,14 +299,14 @@ class GuidedPipeline:
         elif method == "autoguidance":
             if not isinstance(guide, torch.nn.Module):
                 raise TypeError("method autoguidance needs guide= a model of the same kind as the pipeline's "
-                                f"{self.component} (loaded by you), got {type(guide).__name__}")
-            guides.append((Pass(self.call.guide_nets[0]), wg))
+                                f"{ex.name} (loaded by you), got {type(guide).__name__}")
+            guides.append((Pass(ex.call.guide_nets[0]), wg))
         return guides
 
-    def _map_guides(self, guides):
+    def _map_guides(self, ex: _Expert, guides):
         out = []
         for pass_, w in guides:
-            if pass_.net is not self.call.net and not any(pass_.net is g for g in self.call.guide_nets):
+            if pass_.net is not ex.call.net and not any(pass_.net is g for g in ex.call.guide_nets):
                 raise ValueError("a method factory's passes must use the D it is given (for a guide model, use "
                                  "method='autoguidance' with guide=)")
             out.append((pass_, w))
@@ -218,12 +316,28 @@ class GuidedPipeline:
     def __enter__(self) -> "GuidedPipeline":
         if self._active:
             raise RuntimeError("this guided_pipeline block is already active")
-        model = self.model
-        if self._guide_model is not None:
-            self._guide_model.to(device=model.device, dtype=model.dtype)
-        self._saved_forward = model.__dict__.get("forward")
-        inner = self._saved_forward if self._saved_forward is not None else type(model).forward.__get__(model)
-        token = self._token
+        for ex in self._experts:
+            g = self._guide_models_of.get(ex.name)
+            if g is not None:
+                g.to(device=ex.model.device, dtype=ex.model.dtype)
+        self._pending = None
+        try:
+            for ex in self._experts:
+                self._install(ex)
+        except BaseException:
+            self._remove_all()
+            raise
+        self._active = True
+        return self
+
+    def _install(self, ex: _Expert) -> None:
+        model, d = ex.model, ex.model.__dict__
+        # accelerate's hooks (offload) call `module._old_forward` from the forward they install, and re-install
+        # from `module.forward` after each pipeline call: the guided forward goes where the model's own forward is
+        ex.slot = "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
+        ex.saved = d.get(ex.slot)
+        ex.inner = ex.saved if ex.saved is not None else type(model).forward.__get__(model)
+        token, inner = self._token, ex.inner
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
@@ -231,47 +345,80 @@ class GuidedPipeline:
                 return inner(*args, **kwargs)
             reset = _INSIDE.set(_INSIDE.get() | {token})
             try:
-                out = self._guided(args, kwargs)
+                out = self._guided(ex, args, kwargs)
                 return inner(*args, **kwargs) if out is None else out
             finally:
                 _INSIDE.reset(reset)
 
-        model.forward = forward
-        self._active = True
-        return self
+        def read_first(module, args, kwargs):
+            if token not in _INSIDE.get():
+                ex.read = self._read(ex, args, kwargs)
+
+        ex.fn = forward
+        d[ex.slot] = forward
+        ex.handle = model.register_forward_pre_hook(read_first, with_kwargs=True)
 
     def __exit__(self, *exc) -> None:
         self.restore()
 
+    def _remove_all(self) -> None:
+        for ex in self._experts:
+            if ex.handle is not None:
+                ex.handle.remove()
+                ex.handle = None
+            ex.read = None
+            if ex.fn is None:
+                continue
+            d = ex.model.__dict__
+            for slot in ("forward", "_old_forward"):
+                if d.get(slot) is not ex.fn:
+                    continue
+                if slot != ex.slot:               # moved there by accelerate: it holds the model's own forward
+                    d[slot] = ex.inner
+                elif ex.saved is not None:
+                    d[slot] = ex.saved
+                else:
+                    del d[slot]
+            ex.fn = None
+        self._pending = None
+
     def restore(self) -> None:
-        """Put the model's `forward` back as it was (idempotent)."""
+        """Put every expert's forward back as it was (idempotent)."""
         if not self._active:
             return
-        if self._saved_forward is not None:
-            self.model.forward = self._saved_forward
-        else:
-            self.model.__dict__.pop("forward", None)
+        self._remove_all()
         self._active = False
 
     # -- one model call ------------------------------------------------------------------------------------------
     @property
     def calls(self) -> list:
-        return self.call.calls
+        return self._calls
 
     @property
     def last_rows(self):
-        return self.call.last_rows
+        return self._last.call.last_rows
 
-    def _guided(self, args, kwargs):
-        local = _pipeline_frame_locals(self.pipe)
-        sample = self.call.bind(args, kwargs)[0]
-        n = sample.shape[0]
-        scale = _guidance_scale(self.pipe, local)
-        cfg = None
-        if (_does_cfg(self.pipe, local, scale) and scale is not None and n % 2 == 0
-                and torch.equal(sample[: n // 2], sample[n // 2:])):
-            cfg = (type(self.pipe).__name__ in COND_FIRST, scale)
-        images = n // 2 if cfg else n
+    def _read(self, ex: _Expert, args, kwargs) -> tuple:
+        """`(reading, sample, timestep, pipeline locals)` of a model call as the pipeline made it."""
+        local = pipeline_frame_locals(self.pipe)
+        sample, timestep, _, rest = ex.call.bind(args, kwargs)
+        return read_call(self.pipe, local, sample.shape[0], rest, self.cfg_layout), sample, timestep, local
+
+    def _guided(self, ex: _Expert, args, kwargs):
+        # the reading of the call as the pipeline made it (before offload hooks move its tensors), from the
+        # forward pre-hook; read here when the forward is reached without it
+        read, ex.read = ex.read, None
+        reading, sample, timestep, local = read if read is not None else self._read(ex, args, kwargs)
+        self._last = ex
+        if reading.role == "uncond":
+            return self._take_pending(ex, sample, timestep)
+        g = self._guide_models_of.get(ex.name)
+        if g is not None:
+            dev = next(g.parameters()).device
+            here = ex.call.bind(args, kwargs)[0].device
+            if dev != here:                       # offload hooks moved the model to its execution device
+                g.to(here)
+        images = reading.images
         seeds = self.seeds
         if seeds is not None:
             if len(seeds) != images:
@@ -279,11 +426,48 @@ class GuidedPipeline:
                                  "pass one seed per image (batch size x num_images_per_prompt), or set gp.seeds")
         else:
             seeds = seeds_from_generator(local.get("generator"), images)
-        return self.call.forward(args, kwargs, self.guides, seeds=seeds, cfg=cfg, max_batch=self.max_batch)
+        out = ex.call.forward(args, kwargs, ex.guides, seeds=seeds, cfg=reading.cfg, max_batch=self.max_batch,
+                              cfg_hint=cfg_hint(self.pipe))
+        self._pending = (ex.name, sample, _step_key(timestep), out) if reading.role == "cond" else None
+        return out
+
+    def _take_pending(self, ex: _Expert, sample, timestep):
+        """The unconditional call of a per-branch pipeline: the guided output of its conditional call (the same
+        sample and timestep), so the pipeline's `u + s (c - u)` with u = c gives it back; no model call."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != ex.name or not same_tensor(pending[1], sample) \
+                or pending[2] != _step_key(timestep):
+            raise ValueError(f"{type(self.pipe).__name__} called its model for the negative prompt without the "
+                             "matching call for the prompt first, which guided_pipeline cannot take over: pass "
+                             "cfg_layout='none' and turn the pipeline's own CFG off")
+        ex.call.last_rows = (sample.shape[0], 0)
+        return pending[3]
 
 
-def _interval(iv) -> tuple[float, float]:
-    lo, hi = (float(v) for v in iv)
+def _own_forward(model: torch.nn.Module):
+    """The model's own forward as the pipeline's calls reach it: accelerate's saved `_old_forward` under its
+    hooks, else an instance `forward`, else the class's."""
+    d = model.__dict__
+    if "_hf_hook" in d and "_old_forward" in d:
+        return d["_old_forward"]
+    return d.get("forward")
+
+
+def _step_key(timestep):
+    t = torch.as_tensor(timestep) if timestep is not None else torch.zeros(())
+    return tuple(t.detach().reshape(-1)[:1].cpu().tolist())
+
+
+def _interval(iv, what: str = "interval") -> tuple[float, float]:
+    """`(sigma_lo, sigma_hi)` as two floats, refused in one line when it is not a pair of numbers in order."""
+    try:
+        lo, hi = iv
+        if isinstance(lo, bool) or isinstance(hi, bool):
+            raise TypeError
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be (sigma_lo, sigma_hi), two numbers with w applied for sigma in (lo, hi], "
+                         f"got {iv!r}") from None
     Interval(2.0, lo, hi)     # validates the range
     return lo, hi
 
@@ -292,7 +476,7 @@ def _weight(w: ScheduleLike, interval) -> Schedule:
     if interval is not None:
         if isinstance(w, Schedule):
             raise ValueError("give either a Schedule for w or interval=(sigma_lo, sigma_hi) with a number, not both")
-        return Interval(check_weight(w), *interval)
+        return Interval(check_weight(w), *_interval(interval))
     return as_schedule(w)
 
 

@@ -5,15 +5,19 @@
 Layout of `out`: `png/SEED.png` (one image per seed), `grid.png` (every seed's image, row-major, in seed order),
 `images.json` (seed -> the run identity and the sha256 of its PNG), `run.json` (the command, the resolved config,
 versions, seeds, world size). A rerun skips seeds whose PNG exists, hashes as recorded and carries the run's
-identity (a digest of the config: pipeline folder, prompt, method, steps, ...); a folder whose run.json records
-another config is refused. The folder is locked while a run writes to it. Under torchrun, seed i goes to rank
+identity (a digest of the config: pipeline folder, prompt(s), method, steps, the guidance scales used, ...); a
+folder whose run.json records another config is refused, unless it holds no image yet (a run that failed before
+its first image does not lock the folder against the corrected rerun). With a prompt file, seed s gets prompt
+`s mod P`. The folder is locked while a run writes to it. Under torchrun, seed i goes to rank
 i mod world size; rank 0 writes the grid and run.json at the end. Image i depends only on its seed (its own
 generator and perturbation keys), so the images do not depend on the batch or the process count.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -29,14 +33,38 @@ from ..runs.lock import lock_run
 from ..runs.record import check_out, check_resume, command_line, identity_of, run_record
 from ..runs.shards import write_png
 
-__all__ = ["pipeline_to_folder", "load_pipeline", "NOT_A_PIPELINE"]
+__all__ = ["pipeline_to_folder", "load_pipeline", "read_prompts", "NOT_A_PIPELINE"]
 
 NOT_A_PIPELINE = ("{dir} is not a diffusers pipeline folder (no model_index.json): give a folder written by "
                   "pipe.save_pretrained(DIR), or fetch one first (huggingface-cli download REPO --local-dir DIR)")
 
 
-def load_pipeline(folder, device="cpu", dtype: Optional[str] = None):
-    """`DiffusionPipeline.from_pretrained(folder, local_files_only=True)` (never a download), on `device`."""
+@contextlib.contextmanager
+def _loading_bars(on: bool):
+    """diffusers' and transformers' own progress bars (loading components, checkpoint shards) on or off."""
+    from diffusers.utils import logging as dlog
+
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover - transformers is optional for some pipelines
+        tlog = None
+    logs = [m for m in (dlog, tlog) if m is not None]
+    before = [m.is_progress_bar_enabled() for m in logs]
+    if not on:
+        for m in logs:
+            m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, was in zip(logs, before):
+            if was and not on:
+                m.enable_progress_bar()
+
+
+def load_pipeline(folder, device="cpu", dtype: Optional[str] = None, progress: bool = True):
+    """`DiffusionPipeline.from_pretrained(folder, local_files_only=True)` (never a download), on `device`.
+    Components saved as None (SD3 without its T5 encoder) are passed as None, as the pipeline was built.
+    `progress=False` silences the loading bars."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ValueError(NOT_A_PIPELINE.format(dir=folder))
@@ -44,10 +72,33 @@ def load_pipeline(folder, device="cpu", dtype: Optional[str] = None):
         from diffusers import DiffusionPipeline
     except ImportError as e:
         raise ImportError("autoguidance pipe needs diffusers: pip install autoguidance[diffusers]") from e
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'model_index.json'} is not JSON ({e}): give a folder written by "
+                         "pipe.save_pretrained(DIR)") from None
     kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **kw)
+    for name, v in (index.items() if isinstance(index, dict) else []):
+        if not name.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None:
+            kw[name] = None               # saved as None (e.g. text_encoder_3 of SD3 without T5)
+    with _loading_bars(progress):
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def read_prompts(path) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts {path}: cannot read it as text ({e}); give a text file with one prompt per "
+                         "line") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt: write one prompt per line")
+    return prompts
 
 
 def _folder_digest(folder: Path) -> str:
@@ -75,19 +126,48 @@ def _grid(images: list) -> np.ndarray:
     return grid
 
 
+def _call_options(pipe, given: dict) -> dict:
+    """The pipeline call's options: those given, checked against its `__call__`, with the defaults of the scales
+    it uses (`guidance_scale`, `true_cfg_scale`) resolved, so run.json records what was used."""
+    name = type(pipe).__name__
+    params = inspect.signature(type(pipe).__call__).parameters
+    flags = {"guidance_scale": "--guidance-scale", "true_cfg_scale": "--true-cfg-scale",
+             "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width"}
+    for k, v in given.items():
+        if v is not None and k not in params:
+            raise ValueError(f"{name} takes no {k}: drop {flags[k]}")
+    if "true_cfg_scale" in params:       # Flux: CFG with the negative prompt is true_cfg_scale > 1
+        if given.get("negative_prompt") is not None and given.get("true_cfg_scale") is None:
+            raise ValueError(f"{name}'s CFG with a negative prompt is its true_cfg_scale: pass --true-cfg-scale S "
+                             "(> 1) with --negative-prompt")
+        if given.get("true_cfg_scale") is not None and given.get("negative_prompt") is None:
+            raise ValueError(f"{name} does CFG (true_cfg_scale) only with a negative prompt: pass --negative-prompt "
+                             "with --true-cfg-scale")
+    out = dict(given)
+    for k in ("guidance_scale", "true_cfg_scale"):
+        if k in params and out.get(k) is None:
+            d = params[k].default
+            out[k] = float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+    return {k: v for k, v in out.items() if v is not None or k in ("guidance_scale", "true_cfg_scale")}
+
+
 def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                        method:          str = "none",          # a key of pipeline.PIPELINE_METHODS
                        w:               Optional[float] = None,
                        p:               float = 0.1,
                        where:           Optional[str] = None,
-                       perturbation:    Optional[str] = None,  # a name of methods.PERTURBATIONS (method perturbation)
+                       perturbation:    Optional[str] = None,  # a name of methods.PERTURBATIONS, or skiplayers
+                       layers:          Optional[Sequence[int]] = None,   # perturbation skiplayers: block indices
+                       blocks:          Optional[str] = None,  # perturbation skiplayers: the block list's path
                        guide:           Optional[str] = None,  # a local model folder (method autoguidance)
                        interval:        Optional[tuple] = None,
                        cfg_interval:    Optional[tuple] = None,
                        prompt:          Optional[str] = None,
+                       prompts:         Optional[Sequence[str]] = None,   # seed s gets prompts[s % len(prompts)]
                        negative_prompt: Optional[str] = None,
                        class_label:     Optional[int] = None,  # class-conditional pipelines (DiT)
                        guidance_scale:  Optional[float] = None,
+                       true_cfg_scale:  Optional[float] = None,  # Flux: CFG with the negative prompt
                        steps:           int = 28,
                        height:          Optional[int] = None,
                        width:           Optional[int] = None,
@@ -100,30 +180,50 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
     'images', 'seconds'}` of this rank. Call `dist.init()` first under torchrun."""
     import tqdm
 
-    from ..methods import make_perturbation
-    from .pipeline import guided_pipeline
+    from .diffusers.model_call import image_seeds
+    from .pipeline import guided_pipeline, make_pipeline_perturbation
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ValueError(NOT_A_PIPELINE.format(dir=folder))
     out = check_out(out)
-    seeds = [int(s) for s in seeds]
+    seeds = [int(s) for s in image_seeds(list(seeds), "--seeds").tolist()]
     if batch < 1:
         raise ValueError(f"--batch must be a positive number of images per pipeline call, got {batch}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be a positive number of denoising steps, got {steps}")
+    if prompt is not None and prompts is not None:
+        raise ValueError("give --prompt or --prompts FILE, not both")
+    prompt_list = [prompt] if prompt is not None else list(prompts) if prompts is not None else None
+    if prompt_list is not None and class_label is not None:
+        raise ValueError("--class-label is for class-conditional pipelines (DiT), --prompt for text ones: not both")
+    if prompt_list is None and class_label is None:
+        raise ValueError("--prompt (or --prompts FILE) is needed for a text-to-image pipeline (--class-label for a "
+                         "class-conditional one)")
+    if method == "perturbation":
+        pert = make_pipeline_perturbation(perturbation or "dropout", p, where, layers, blocks)
+    elif perturbation is not None or layers or blocks is not None:
+        raise ValueError(f"--perturbation / --layers / --blocks belong to method perturbation, not {method}: add "
+                         "--method perturbation")
+    dev = dist.device(device)
+    pipe = load_pipeline(folder, dev, dtype, progress=progress)
+    call_opts = _call_options(pipe, {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale,
+                                     "negative_prompt": negative_prompt, "height": height, "width": width})
     config = {"pipeline": str(folder.resolve()), "pipeline_digest": _folder_digest(folder), "method": method,
-              "w": w, "p": p, "where": where, "perturbation": perturbation, "guide": guide,
+              "w": w, "p": p, "where": where, "perturbation": perturbation,
+              "layers": list(layers) if layers else None, "blocks": blocks, "guide": guide,
               "interval": list(interval) if interval else None,
               "cfg_interval": list(cfg_interval) if cfg_interval else None, "prompt": prompt,
-              "negative_prompt": negative_prompt, "class_label": class_label, "guidance_scale": guidance_scale,
-              "steps": steps, "height": height, "width": width, "dtype": dtype}
+              "prompts": list(prompts) if prompts is not None else None, "negative_prompt": negative_prompt,
+              "class_label": class_label, "guidance_scale": call_opts.get("guidance_scale"),
+              "true_cfg_scale": call_opts.get("true_cfg_scale"), "steps": steps, "height": height, "width": width,
+              "dtype": dtype}
     identity = identity_of(config)
-    dev = dist.device(device)
-    pipe = load_pipeline(folder, dev, dtype)
     options = dict(w=w, interval=interval, cfg_interval=cfg_interval)
     if method == "insitu":
         options.update(p=p, where=where)
     elif method == "perturbation":
-        options["perturbation"] = make_perturbation(perturbation or "dropout", p, where)
+        options["perturbation"] = pert
     elif method == "autoguidance":
         if not guide:
             raise ValueError("method autoguidance needs --guide DIR (a local model folder of the same kind as the "
@@ -131,18 +231,17 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
         from .pipeline import pipeline_model
 
         _, model = pipeline_model(pipe)
-        options["guide"] = type(model).from_pretrained(guide, local_files_only=True).eval().requires_grad_(False)
+        with _loading_bars(progress):
+            options["guide"] = type(model).from_pretrained(guide, local_files_only=True).eval().requires_grad_(False)
     options = {k: v for k, v in options.items() if v is not None}
-    call = {"num_inference_steps": int(steps), "output_type": "np"}
-    for k, v in (("guidance_scale", guidance_scale), ("height", height), ("width", width),
-                 ("negative_prompt", negative_prompt)):
-        if v is not None:
-            call[k] = v
+    call = {"num_inference_steps": int(steps), "output_type": "np",
+            **{k: v for k, v in call_opts.items() if v is not None and k != "negative_prompt"}}
     with lock_run(out, command_line(args) if args is not None else None):
         if dist.is_main():
             for f in (out, out / "png"):
                 clean_temp(f)
-        check_resume(out, config, seeds)
+        if any((out / "png").glob("*.png")):   # a run that made no image holds nothing a rerun could mix with
+            check_resume(out, config, seeds)
         dist.barrier()
         if dist.is_main():
             write_json(out / "run.json", run_record(config, seeds, args, status="running", identity=identity))
@@ -174,34 +273,35 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
 
         todo = [s for s in mine if not done(s)]
         skipped = len(mine) - len(todo)
-        bar = tqdm.tqdm(total=len(mine), initial=skipped, unit="img", disable=not (progress and r == 0),
-                        desc=f"{method} (rank 0 of {world})")
         t0 = time.perf_counter()
         mine_index = {}
         with guided_pipeline(pipe, method, **options) as gp:
-            for a in range(0, len(todo), batch):
-                chunk = todo[a:a + batch]
-                gp.seeds = torch.tensor(chunk, dtype=torch.int64)
-                gens = [torch.Generator(dev).manual_seed(s) for s in chunk]
-                kw = dict(call, generator=gens)
-                if class_label is not None:
-                    images = pipe(class_labels=[int(class_label)] * len(chunk), **kw).images
-                else:
-                    if prompt is None:
-                        raise ValueError("--prompt is needed for a text-to-image pipeline (--class-label for a "
-                                         "class-conditional one)")
-                    images = pipe([prompt] * len(chunk), **kw).images
-                for s, img in zip(chunk, np.asarray(images)):
-                    png = out / "png" / f"{s:06d}.png"
-                    write_png(png, np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8))
-                    mine_index[str(s)] = {"identity": identity, "sha256": _sha(png)}
-                if world == 1:
-                    index.update(mine_index)
-                    write_json(index_path, index)
-                else:
-                    write_json(out / f"images.rank{r}.json", mine_index)
-                bar.update(len(chunk))
-        bar.close()
+            bar = tqdm.tqdm(total=len(mine), initial=skipped, unit="img", disable=not (progress and r == 0),
+                            desc=f"{method} (rank 0 of {world})")
+            try:                          # the bar's line ends before any error is printed
+                for a in range(0, len(todo), batch):
+                    chunk = todo[a:a + batch]
+                    gp.seeds = torch.tensor(chunk, dtype=torch.int64)
+                    gens = [torch.Generator(dev).manual_seed(s) for s in chunk]
+                    kw = dict(call, generator=gens)
+                    if negative_prompt is not None:
+                        kw["negative_prompt"] = [negative_prompt] * len(chunk)
+                    if class_label is not None:
+                        images = pipe(class_labels=[int(class_label)] * len(chunk), **kw).images
+                    else:
+                        images = pipe([prompt_list[s % len(prompt_list)] for s in chunk], **kw).images
+                    for s, img in zip(chunk, np.asarray(images)):
+                        png = out / "png" / f"{s:06d}.png"
+                        write_png(png, np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8))
+                        mine_index[str(s)] = {"identity": identity, "sha256": _sha(png)}
+                    if world == 1:
+                        index.update(mine_index)
+                        write_json(index_path, index)
+                    else:
+                        write_json(out / f"images.rank{r}.json", mine_index)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
         seconds = time.perf_counter() - t0
         dist.barrier()
         if dist.is_main():

@@ -2,13 +2,15 @@
 
     autoguidance pipe sd-folder --prompt "a cat" --method insitu --w 3 --seeds 0-7 --out runs/cat
     autoguidance pipe sd-folder --prompt "a cat" --guidance-scale 5 --method insitu --w 2 --out runs/cat-cfg
+    autoguidance pipe sd3-folder --prompts prompts.txt --method perturbation --perturbation skiplayers --layers 7,8,9 \
+        --w 2.5 --seeds 0-15 --out runs/slg
     torchrun --nproc_per_node=2 -m autoguidance.cli pipe sd-folder --prompt "a cat" --seeds 0-63 --out runs/x
 
 Writes OUT/png/SEED.png, OUT/grid.png, OUT/images.json and OUT/run.json; a rerun skips the seeds already made by
 the same settings; the folder is locked while a run writes to it; under torchrun seed i goes to rank i mod world.
 The pipeline is loaded with `DiffusionPipeline.from_pretrained(DIR, local_files_only=True)`: nothing is downloaded.
-With `--guidance-scale > 1` the pipeline's own CFG (its negative prompt) is taken over by the library and composed
-with the method in one batched model call. See docs/pipelines.md.
+With `--guidance-scale > 1` (Flux: `--negative-prompt` and `--true-cfg-scale > 1`) the pipeline's own CFG is
+taken over by the library and composed with the method in one batched model call. See docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -24,25 +26,42 @@ METHOD_CHOICES = ["none", "cfg", "insitu", "perturbation", "autoguidance"]
 
 
 def _run(args) -> int:
-    from ..adapters.pipeline_run import pipeline_to_folder
+    from ..adapters.pipeline_run import pipeline_to_folder, read_prompts
 
     seeds = parse_seeds(args.seeds)
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be >= 0 (one image seed each; PNGs are named by seed), got {min(seeds)}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of denoising steps, got {args.steps}")
     interval = parse_floats(args.interval, 2, "--interval") if args.interval else None
     cfg_interval = parse_floats(args.cfg_interval, 2, "--cfg-interval") if args.cfg_interval else None
+    layers = _layers(args.layers) if args.layers else None
+    prompts = read_prompts(args.prompts) if args.prompts else None
     dist.init()
     try:
         s = pipeline_to_folder(args.dir, args.out, seeds, method=args.method, w=args.w, p=args.p, where=args.where,
-                               perturbation=args.perturbation, guide=args.guide, interval=interval,
-                               cfg_interval=cfg_interval, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                               class_label=args.class_label, guidance_scale=args.guidance_scale, steps=args.steps,
-                               height=args.height, width=args.width, batch=args.batch, device=args.device,
-                               dtype=args.dtype, progress=not args.no_progress, args=args)
+                               perturbation=args.perturbation, layers=layers, blocks=args.blocks, guide=args.guide,
+                               interval=interval, cfg_interval=cfg_interval, prompt=args.prompt, prompts=prompts,
+                               negative_prompt=args.negative_prompt, class_label=args.class_label,
+                               guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
+                               steps=args.steps, height=args.height, width=args.width, batch=args.batch,
+                               device=args.device, dtype=args.dtype, progress=not args.no_progress, args=args)
         if dist.is_main():
             print(f"rank 0: {s['done']} images made, {s['skipped']} already done, in {s['seconds']:.1f} s; output "
                   f"in {args.out}")
     finally:
         dist.shutdown()
     return 0
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise ValueError(f"--layers must be block indices separated by commas (e.g. 7,8,9), got {text!r}")
+    return out
 
 
 def add_parser(subparsers) -> None:
@@ -58,16 +77,23 @@ def add_parser(subparsers) -> None:
     m.add_argument("--p", type=float, default=0.1, help="dropout probability (insitu) / perturbation strength")
     m.add_argument("--where", default=None, help="perturbation sites: a glob or comma-separated module paths")
     m.add_argument("--perturbation", default=None, help="method perturbation: dropout, blockdrop, inputnoise, "
-                   "identityattention, ... (autoguidance sample --help lists them)")
+                   "identityattention, ... (autoguidance sample --help lists them), or skiplayers (with --layers)")
+    m.add_argument("--layers", default=None, help="perturbation skiplayers: the block indices to skip, e.g. 7,8,9")
+    m.add_argument("--blocks", default=None, help="perturbation skiplayers: the path of the block list (default: "
+                   "the model's transformer_blocks; autoguidance sites DIR lists them)")
     m.add_argument("--guide", default=None, help="method autoguidance: a local folder of a guide model of the "
                    "same class as the pipeline's unet / transformer")
     m.add_argument("--interval", default=None, help="LO,HI: the method's w only for sigma in (LO, HI]")
     m.add_argument("--cfg-interval", default=None, help="LO,HI: the pipeline's CFG only for sigma in (LO, HI]")
     c = p.add_argument_group("pipeline call")
     c.add_argument("--prompt", default=None, help="the prompt (text-to-image pipelines)")
+    c.add_argument("--prompts", default=None, metavar="FILE", help="a text file of prompts, one per line: seed s gets "
+                   "prompt s mod (number of prompts)")
     c.add_argument("--negative-prompt", default=None, help="the pipeline's negative prompt (its CFG pass)")
     c.add_argument("--class-label", type=int, default=None, help="class index (class-conditional pipelines: DiT)")
-    c.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's CFG scale (default: its own)")
+    c.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's CFG scale (default: its own; "
+                   "Flux-dev: its distilled guidance)")
+    c.add_argument("--true-cfg-scale", type=float, default=None, help="Flux: the CFG scale with --negative-prompt")
     c.add_argument("--steps", type=int, default=28, help="num_inference_steps")
     c.add_argument("--height", type=int, default=None)
     c.add_argument("--width", type=int, default=None)
@@ -78,5 +104,5 @@ def add_parser(subparsers) -> None:
     o.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     o.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="load the pipeline in this dtype (default: as saved)")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (also none while loading)")
     p.set_defaults(func=_run, _parser=p)

@@ -71,7 +71,8 @@ class SkipLayers(Perturbation):
                                 f"{', '.join(f'{n} ({k})' for n, k in cands) or 'none'}")
             return path, m
         names = [n for n, _ in cands]
-        pick = next((n for n in names if n.rsplit(".", 1)[-1] == "transformer_blocks"), None)
+        named = [n for n in names if n.rsplit(".", 1)[-1] == "transformer_blocks"]
+        pick = named[0] if len(named) == 1 else None     # several (a U-Net's attentions): the user must choose
         if pick is None and len(names) == 1:
             pick = names[0]
         if pick is None:
