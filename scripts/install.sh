@@ -22,6 +22,8 @@ if [ "${1:-}" = "test" ]; then
   # test stubs) and transformers' Dinov2Model (pinned: attention weight names differ between versions).
   $VPIP install -q --no-deps pytorch-fid==0.3.0
   $VPIP install -q transformers==5.24.0
+  # The FDG rule's anchor (diffusers' FrequencyDecoupledGuidance) builds its pyramid with kornia (no torchvision).
+  $VPIP install -q kornia==0.9.0
 else
   $VPIP install -q -e .
 fi
