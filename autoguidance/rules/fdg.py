@@ -119,7 +119,8 @@ class FDG(Rule):
         if c.ndim != 4:
             raise ValueError(f"FDG needs images [N, C, H, W], got predictions of shape {list(c.shape)}")
         levels = len(self.scales)
-        pc, pu = laplacian_pyramid(c, levels), laplacian_pyramid(u, levels)
+        both = laplacian_pyramid(torch.cat([c, u]), levels)          # one pass for both predictions
+        pc, pu = [b[:len(c)] for b in both], [b[len(c):] for b in both]
         terms = []
         for l, (cl, ul, s) in enumerate(zip(pc, pu, self.scales)):
             if s == 0:                                  # w_l = 1: the level keeps c's component
