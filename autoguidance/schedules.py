@@ -5,8 +5,10 @@ is what the papers reason in, and it does not change with the number of sampling
 
     Constant(2.0)                                  w = 2 everywhere
     Interval(2.1, sigma_lo=0.28, sigma_hi=2.9)     w = 2.1 for sigma in (0.28, 2.9], 1 elsewhere (Kynkaanniemi et al.)
-    Interval(7.0, sigma_lo=1.0)                    the guide pass stops below sigma 1 (Adaptive Guidance's
-                                                   unconditional skip, Castillo et al. 2023, arXiv 2312.12487)
+    Interval(7.0, sigma_lo=1.0)                    the guide pass stops below sigma 1: Adaptive Guidance's skip
+                                                   of the unconditional pass (Castillo et al. 2023, arXiv
+                                                   2312.12487) at a fixed switch point (the paper switches once
+                                                   the two predictions align)
     Ramp(3.0, 1.0, sigma_from=5.0, sigma_to=0.05)  3 at sigma >= 5, 1 at sigma <= 0.05, linear in log sigma between
 
 Beside them, the forms users write in steps (they read the step index the sampler declares, `current_step`, and

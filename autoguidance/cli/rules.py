@@ -21,8 +21,8 @@ _EXTRAS = [
      "Ideogram's step list"),
     ("step window", "--window 0.01,0.2", "w only for the steps int(START N) <= i < int(STOP N)",
      "diffusers' start/stop, SLG's 1-20%"),
-    ("sigma threshold", "--interval LO,inf", "the guide pass stops below sigma LO", "Adaptive Guidance, "
-     "Castillo et al. 2023, arXiv 2312.12487"),
+    ("sigma threshold", "--interval LO,inf", "the guide pass stops below sigma LO", "Adaptive Guidance's skip "
+     "at a fixed switch point, Castillo et al. 2023, arXiv 2312.12487"),
 ]
 
 
