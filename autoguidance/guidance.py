@@ -134,13 +134,8 @@ class Guided:
 
     def flow(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """The guided x0 prediction at flow time `t` (scalar or `[N]`, in (0, 1]; see the module docstring)."""
-        check_x(x_t, name="x_t")
-        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        t = t.expand(len(x_t)) if t.ndim == 0 else t
-        if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
-        labels = check_labels(labels, len(x_t))
-        return self._guide(x_t, t_to_sigma(t), labels, t)
+        t = _flow_time(x_t, t)
+        return self._guide(x_t, t_to_sigma(t), check_labels(labels, len(x_t)), t)
 
     def parts(self, x: torch.Tensor, sigma, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(D, D_guide)`: the guided prediction and its one guide's prediction `[N, ...]` (the main prediction in rows
@@ -152,13 +147,8 @@ class Guided:
 
     def flow_parts(self, x_t: torch.Tensor, t, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`parts` at flow time `t` (x0 predictions, as `flow`)."""
-        check_x(x_t, name="x_t")
-        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        t = t.expand(len(x_t)) if t.ndim == 0 else t
-        if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
-        labels = check_labels(labels, len(x_t))
-        return self._guide(x_t, t_to_sigma(t), labels, t, parts=True)
+        t = _flow_time(x_t, t)
+        return self._guide(x_t, t_to_sigma(t), check_labels(labels, len(x_t)), t, parts=True)
 
     def _guide(self, x, sigma, labels, t, parts: bool = False):
         if parts and len(self.guides) != 1:
@@ -438,6 +428,16 @@ class Guided:
 
 
 _GUIDE_KEYS = [f"guide{i}" for i in range(8)]
+
+
+def _flow_time(x_t: torch.Tensor, t) -> torch.Tensor:
+    """`t` as the `[N]` flow times of `x_t`'s rows, checked (in (0, 1])."""
+    check_x(x_t, name="x_t")
+    t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+    t = t.expand(len(x_t)) if t.ndim == 0 else t
+    if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
+        raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
+    return t
 
 
 def _weight_minus_one(c: float, dtype) -> Optional[float]:
