@@ -13,13 +13,15 @@ from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance,
                        no_guidance, perturbation_guidance)
 from .perturb import (BlockDrop, Dropout, IdentityAttention, InputNoise, NoisierLevel, SkipLayers, SmoothedAttention,
                       TokenShuffle, WeightNoise, list_sites)
+from . import rules
+from .rules import APG, FDG, MAMBO, TCFG, CFGZeroStar, Linear, Rescale
 from .sampling import generate, sample_dpmpp_2m, sample_euler, sample_flow_euler, sample_heun, sigmas_karras
-from .schedules import Constant, Interval, Ramp
+from .schedules import Constant, Interval, Ramp, StepList, StepWindow
 
 
 __all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide", "Pass", "autoguidance", "cfg",
            "cfg_autoguidance", "insitu", "insitu_weight", "no_guidance", "perturbation_guidance", "Dropout",
            "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention", "SkipLayers", "SmoothedAttention",
            "TokenShuffle", "NoisierLevel", "list_sites", "generate", "sample_euler", "sample_heun", "sample_dpmpp_2m",
-           "sample_flow_euler", "sigmas_karras", "Constant", "Interval", "Ramp",
-           "__version__"]
+           "sample_flow_euler", "sigmas_karras", "Constant", "Interval", "Ramp", "StepList", "StepWindow", "rules",
+           "Linear", "Rescale", "APG", "CFGZeroStar", "TCFG", "FDG", "MAMBO", "__version__"]

@@ -34,6 +34,12 @@ seed of each of its rows (`rng.rows_context`), so a perturbation inside it is ke
 called inside another's perturbed pass (a hook scope is active: `perturb.base.scopes_active`) runs each of its
 passes as one call of exactly the rows it got, in order, so the outer hooks degrade exactly the rows they mean:
 its own `max_batch` may not split that call (refused), and an outer prefix sharing redoes such a call unshared.
+
+Rules: `rule=` (every method with a guide) replaces the linear combination by another (`autoguidance.rules`: rescale,
+APG, CFG-Zero*, TCFG, FDG, MAMBO-G), applied in the rule's space (x0, eps or v) to the same passes; the default
+`Linear()` runs the code above unchanged (bit for bit). A stateful rule's state (APG's momentum) lives in the
+sampler's run (`rng.current_state().run`), one row per image seed, so an image depends neither on its batch nor on
+an earlier run. CFG++ samplers ask `Guided.parts` / `Guided.flow_parts` for the guided and the guide prediction.
 """
 from __future__ import annotations
 
@@ -53,7 +59,9 @@ from .perturb import Dropout, Perturbation, Where
 from .perturb.base import scopes_active
 from .perturb.prefix import PrefixMismatch, SharedPrefix, sharing_prefix
 from .rng import current_keys, current_state, rows_context
-from .schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
+from .rules import Linear, Rule, as_rule
+from .rules.base import from_space, to_space
+from .schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight, current_step
 
 __all__ = ["Pass", "Guide", "Guided", "no_guidance", "cfg", "autoguidance", "insitu", "perturbation_guidance",
            "cfg_autoguidance", "insitu_weight"]
@@ -100,8 +108,10 @@ class Guided:
     """
 
     def __init__(self, main: Union[Pass, Callable], guides: Sequence[Guide] = (), max_batch: Optional[int] = None,
-                 share_prefix: bool = False):
+                 share_prefix: bool = False, rule: Union[None, str, Rule] = None):
         self.main = main if isinstance(main, Pass) else Pass(main)
+        #: how the passes combine (`autoguidance.rules`); Linear (the default) is the plain weighted sum
+        self.rule = as_rule(rule)
         self.guides = list(guides)
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, (int, float))
                                       or int(max_batch) != max_batch or max_batch < 1):
@@ -113,11 +123,16 @@ class Guided:
         self.stats: Counter = Counter()
         self._callers: dict = {}
 
+    @property
+    def _linear(self) -> bool:
+        return type(self.rule) is Linear
+
     def __repr__(self) -> str:
         gs = ", ".join(f"{g.w} x {type(g.pass_.net).__name__}"
                        f"{' (no label)' if g.pass_.drop_labels else ''}"
                        f"{' + ' + g.pass_.perturbation.name if g.pass_.perturbation else ''}" for g in self.guides)
-        return f"Guided(main={type(self.main.net).__name__}, guides=[{gs}])"
+        rule = "" if self._linear else f", rule={self.rule.describe()}"
+        return f"Guided(main={type(self.main.net).__name__}, guides=[{gs}]{rule})"
 
     # -- the combination -------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -128,15 +143,31 @@ class Guided:
 
     def flow(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """The guided x0 prediction at flow time `t` (scalar or `[N]`, in (0, 1]; see the module docstring)."""
-        check_x(x_t, name="x_t")
-        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        t = t.expand(len(x_t)) if t.ndim == 0 else t
-        if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
-        labels = check_labels(labels, len(x_t))
-        return self._guide(x_t, t_to_sigma(t), labels, t)
+        t = _flow_time(x_t, t)
+        return self._guide(x_t, t_to_sigma(t), check_labels(labels, len(x_t)), t)
 
-    def _guide(self, x, sigma, labels, t) -> torch.Tensor:
+    def parts(self, x: torch.Tensor, sigma, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(D, D_guide)`: the guided prediction and its one guide's prediction `[N, ...]` (the main prediction in rows
+        where the guide is skipped, w = 1), for samplers that re-noise with the guide (CFG++)."""
+        check_x(x)
+        sigma = _checked_sigma(sigma, x)
+        labels = check_labels(labels, len(x))
+        return self._guide(x, sigma, labels, None, parts=True)
+
+    def flow_parts(self, x_t: torch.Tensor, t, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`parts` at flow time `t` (x0 predictions, as `flow`)."""
+        t = _flow_time(x_t, t)
+        return self._guide(x_t, t_to_sigma(t), check_labels(labels, len(x_t)), t, parts=True)
+
+    def _guide(self, x, sigma, labels, t, parts: bool = False):
+        if parts and len(self.guides) != 1:
+            raise ValueError(f"CFG++ re-noises with the guide's prediction, so it needs exactly one guide; this "
+                             f"guided denoiser has {len(self.guides)}: sample it without cfgpp")
+        if self.rule.zero_init_steps and current_step(f"{self.rule.name}'s zero_init_steps")[0] \
+                < self.rule.zero_init_steps:
+            self.stats["zero_init"] += len(x)            # zero model output, no pass: the input is the prediction
+            out = x.clone()
+            return (out, out) if parts else out
         for g in self.guides:
             p = g.pass_
             if p.drop_labels and labels is None and (p.net is self.main.net or p.uncond_labels is not None):
@@ -159,9 +190,22 @@ class Guided:
                 jobs.append((g.pass_, rows))
                 active.append((i, w))
         if len(jobs) == 1 and self.main.perturbation is None and not self.main.drop_labels:
-            return self._unguided(x, sigma, labels, t)
+            out = self._unguided(x, sigma, labels, t)
+            return (out, out) if parts else out
         outs = self._evaluate(jobs, x, sigma, labels, t)
         self.stats["main"] += n
+        D_main = outs[0]
+        if parts:
+            renoise = D_main if len(outs) == 1 else (outs[1] if jobs[1][1] is None else
+                                                     D_main.index_copy(0, jobs[1][1], outs[1]))
+            return self._combine(x, sigma, t, active, jobs, outs), renoise
+        return self._combine(x, sigma, t, active, jobs, outs)
+
+    def _combine(self, x, sigma, t, active, jobs, outs) -> torch.Tensor:
+        """The guided prediction from the evaluated passes (`outs[0]` main, then one per active guide)."""
+        if not self._linear:
+            return self._combine_rule(x, sigma, t, active, jobs, outs)
+        n = len(x)
         D_main = outs[0]
         D = D_main
         for (i, w), (_, rows), out in zip(active, jobs[1:], outs[1:]):
@@ -175,6 +219,55 @@ class Guided:
             w = w[rows].reshape(-1, *([1] * (x.ndim - 1)))
             D[rows] += (w - 1) * (D_main[rows] - out)
         return D.clone() if D is D_main else D
+
+    def _combine_rule(self, x, sigma, t, active, jobs, outs) -> torch.Tensor:
+        """`_combine` for a rule other than Linear: main and guide predictions in the rule's space, one `delta` per
+        active guide (on its rows), `finish` on the rows some guide is active in, back to x0."""
+        rule, n = self.rule, len(x)
+        D_main = outs[0]
+        c = to_space(D_main, x, rule.space, sigma, t)
+        g = c.clone()
+        store = self._rule_state(n) if rule.stateful else None
+        touched = None if any(rows is None for _, rows in jobs[1:]) else torch.zeros(n, dtype=torch.bool,
+                                                                                      device=x.device)
+        for (i, w), (_, rows), out in zip(active, jobs[1:], outs[1:]):
+            self.stats[_GUIDE_KEYS[i] if i < len(_GUIDE_KEYS) else f"guide{i}"] += n if rows is None else len(rows)
+            if rows is None:
+                u = to_space(out, x, rule.space, sigma, t)
+                st = store.get(i) if store is not None else None
+                term, new = rule.delta(c, u, w + 1, st)
+                g = g + term
+                if store is not None:
+                    store[i] = new
+                continue
+            xr, sr, tr = x[rows], sigma[rows], t[rows] if t is not None else None
+            u = to_space(out, xr, rule.space, sr, tr)
+            wr = w[rows].reshape(-1, *([1] * (x.ndim - 1)))
+            st = None
+            if store is not None:
+                st = store.setdefault(i, torch.zeros_like(c))[rows]
+            term, new = rule.delta(c[rows], u, wr, st)
+            g = g.index_add(0, rows, term)
+            if store is not None:
+                store[i] = store[i].index_copy(0, rows, new)
+            touched[rows] = True
+        if touched is None:
+            return from_space(rule.finish(c, g), x, rule.space, sigma, t)
+        rows = torch.nonzero(touched).flatten()
+        out = D_main.clone()
+        tr = t[rows] if t is not None else None
+        out[rows] = from_space(rule.finish(c[rows], g[rows]), x[rows], rule.space, sigma[rows], tr)
+        return out
+
+    def _rule_state(self, n: int) -> dict:
+        """The rule's per-guide state of this sampling run (`{guide index: [N, ...] tensor}`), rows in the order of
+        the run's image seeds; refused outside a sampler run of n rows."""
+        state = current_state()
+        if state is None or state.run is None or len(state.seeds) != n:
+            raise ValueError(f"rule {self.rule.describe()} keeps a state per image across the steps of a sampling run: "
+                             "call the guided denoiser inside one of the library's samplers (generate, sample_heun, "
+                             "...), with one row per seed")
+        return state.run.cache.setdefault(("rule_state", id(self)), {})
 
     def _unguided(self, x, sigma, labels, t) -> torch.Tensor:
         """No guide is needed at this sigma: the main net alone, called as directly as the contract allows."""
@@ -373,6 +466,16 @@ class Guided:
 _GUIDE_KEYS = [f"guide{i}" for i in range(8)]
 
 
+def _flow_time(x_t: torch.Tensor, t) -> torch.Tensor:
+    """`t` as the `[N]` flow times of `x_t`'s rows, checked (in (0, 1])."""
+    check_x(x_t, name="x_t")
+    t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+    t = t.expand(len(x_t)) if t.ndim == 0 else t
+    if t.shape != (len(x_t),) or not bool(((t > 0) & (t <= 1)).all()):
+        raise ValueError(f"flow time t must be a scalar or [{len(x_t)}] tensor in (0, 1], got {t.tolist()}")
+    return t
+
+
 def _weight_minus_one(c: float, dtype) -> Optional[float]:
     """`w - 1` for a constant weight `c` exactly as the per-row path computes it (w cast to float32, then to the
     batch's dtype, minus 1 in that dtype), as a Python number; None where that w is 1 (the guide is skipped)."""
@@ -511,47 +614,52 @@ def _check_conditional(net: Callable, uncond: Optional[Callable]) -> None:
 
 
 def cfg(net: Callable, w: ScheduleLike, *, uncond: Optional[Callable] = None, uncond_labels: Any = None,
-        interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None) -> Guided:
+        interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None,
+        rule: Union[None, str, Rule] = None) -> Guided:
     """Classifier-free guidance: guide = the same net without labels (one batched call), or a separate
     unconditional net `uncond`. `interval=(sigma_lo, sigma_hi)` applies w only there (guidance interval).
     `uncond_labels` is the unconditional input where "no label" is not a zero row (a mapping of e.g. empty-prompt
-    embeddings, batch 1 or none, broadcast to the batch; keys it lacks keep the conditional rows)."""
+    embeddings, batch 1 or none, broadcast to the batch; keys it lacks keep the conditional rows). `rule` combines
+    the passes (`autoguidance.rules`; default linear)."""
     _check_conditional(net, uncond)
     guide = Pass(uncond if uncond is not None else net, drop_labels=True, uncond_labels=uncond_labels)
-    return Guided(Pass(net), [Guide(guide, _weight(w, interval))], max_batch)
+    return Guided(Pass(net), [Guide(guide, _weight(w, interval))], max_batch, rule=rule)
 
 
 def autoguidance(net: Callable, guide: Callable, w: ScheduleLike, *,
-                 interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None) -> Guided:
+                 interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None,
+                 rule: Union[None, str, Rule] = None) -> Guided:
     """Autoguidance (Karras et al. 2024): guide = a smaller and/or shorter-trained model of the same task."""
-    return Guided(Pass(net), [Guide(Pass(guide), _weight(w, interval))], max_batch)
+    return Guided(Pass(net), [Guide(Pass(guide), _weight(w, interval))], max_batch, rule=rule)
 
 
 def perturbation_guidance(net: Callable, w: ScheduleLike, perturbation: Perturbation, *,
                           module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
-                          max_batch: Optional[int] = None, share_prefix: bool = False) -> Guided:
+                          max_batch: Optional[int] = None, share_prefix: bool = False,
+                          rule: Union[None, str, Rule] = None) -> Guided:
     """Guide a net with itself under a perturbation; both passes share one batched forward call.
     `share_prefix=True` computes the network up to the first perturbed module once for both passes
     (`autoguidance.perturb.prefix`: worth it when the sites sit late in the network)."""
     if not isinstance(perturbation, Perturbation):
         raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got {type(perturbation).__name__}")
     return Guided(Pass(net), [Guide(Pass(net, perturbation=perturbation, module=module), _weight(w, interval))],
-                  max_batch, share_prefix=share_prefix)
+                  max_batch, share_prefix=share_prefix, rule=rule)
 
 
 def insitu(net: Callable, w: ScheduleLike, p: ScheduleLike = 0.1, *, where: Where = None, mode: str = "element",
            module: Optional[torch.nn.Module] = None, interval: Optional[tuple[float, float]] = None,
-           max_batch: Optional[int] = None, share_prefix: bool = False) -> Guided:
+           max_batch: Optional[int] = None, share_prefix: bool = False, rule: Union[None, str, Rule] = None) -> Guided:
     """In-situ autoguidance (2025): guide = the same net with dropout `p` switched on at `where` (default: its
     `torch.nn.Dropout` modules). The paper's `w'` is `w = w' + 1` (see `insitu_weight`). With late sites
     (e.g. the last blocks) and `share_prefix=True` the exact and the dropout pass share the network up to the
     first site (docs/benchmarks_cost.md)."""
     return perturbation_guidance(net, w, Dropout(p, where, mode), module=module, interval=interval,
-                                 max_batch=max_batch, share_prefix=share_prefix)
+                                 max_batch=max_batch, share_prefix=share_prefix, rule=rule)
 
 
 def cfg_autoguidance(net: Callable, guide: Callable, w: float, a: float, *, uncond: Optional[Callable] = None,
-                     uncond_labels: Any = None, max_batch: Optional[int] = None) -> Guided:
+                     uncond_labels: Any = None, max_batch: Optional[int] = None,
+                     rule: Union[None, str, Rule] = None) -> Guided:
     """CFG and autoguidance together (Karras et al. 2024, App. B.2):
     `D = D_m + (w_u - 1)(D_m - D_uncond) + (w_c - 1)(D_m - D_guide)`, `w_u = (1-a)(w-1)+1`, `w_c = a(w-1)+1`.
     `a = 0` is pure CFG, `a = 1` pure autoguidance."""
@@ -562,7 +670,7 @@ def cfg_autoguidance(net: Callable, guide: Callable, w: float, a: float, *, unco
     w_u, w_c = (1 - a) * (w - 1) + 1, a * (w - 1) + 1
     return Guided(Pass(net), [Guide(Pass(uncond if uncond is not None else net, drop_labels=True,
                                                     uncond_labels=uncond_labels), as_schedule(w_u)),
-                              Guide(Pass(guide), as_schedule(w_c))], max_batch)
+                              Guide(Pass(guide), as_schedule(w_c))], max_batch, rule=rule)
 
 
 def insitu_weight(w_prime: float) -> float:

@@ -18,6 +18,11 @@ Methods (weights in this library's convention `D_bad + w (D_good - D_bad)`, w = 
 | `perturbation`     | net under `perturbation` at strength p (PERTURBATIONS)      | net (a module)         |
 | `cfg-autoguidance` | uncond at w_u = (1-a)(w-1)+1 and gnet at w_c = a(w-1)+1 (Karras App. B.2) | net, gnet, [uncond] |
 
+Every method with a guide takes a combination rule (`rule`, a key of `autoguidance.rules.RULES`; `autoguidance rules`
+lists them) with its parameters as flat keys (`eta`, `norm_threshold`, `momentum`, `phi`, `zero_init_steps`, `alpha`,
+`scales`, `parallel_weights`, `rule_space`, `rule_form`); `w_steps` (one w per sampler step) and `window` (w only in
+a fraction of the steps) are the step forms of w; `cfgpp` switches the Euler / Heun step to CFG++.
+
 A model is a shipped checkpoint name (`autoguidance models`), a checkpoint folder, or `package.module:function`
 (a function of no arguments that returns a denoiser; a `torch.nn.Module` is put in eval mode). Importing a module
 runs its code, so `module:function` needs an explicit opt-in, `trust_code=True` (the `--trust-code` flag); a
@@ -38,8 +43,9 @@ import torch
 
 from . import perturb
 from .guidance import Guided, autoguidance, cfg, cfg_autoguidance, insitu, no_guidance, perturbation_guidance
+from .rules import RULES, Rule, make_rule
 from .sampling import SAMPLERS
-from .schedules import Ramp, check_weight
+from .schedules import Ramp, StepList, StepWindow, check_weight
 
 try:
     import tomllib
@@ -110,9 +116,32 @@ class MethodSpec:
     sigma_max:    float = 80.0                     # largest noise level (initial noise std)
     rho:          float = 7.0                      # schedule exponent (EDM Eq. 5)
     churn:        float = 0.0                      # S_churn (0: deterministic sampler)
+    rule:         str = "linear"                   # combination rule: a key of autoguidance.rules.RULES
+    eta:          Optional[float] = None           # apg: weight of the parallel part
+    norm_threshold: Optional[float] = None         # apg: bound on the difference's norm (0: none)
+    momentum:     Optional[float] = None           # apg: running-average coefficient (0: none)
+    phi:          Optional[float] = None           # rescale: mix of the rescaled prediction
+    zero_init_steps: Optional[int] = None          # cfg-zero: steps with a zero output at the start
+    alpha:        Optional[float] = None           # mambo: fall-off of w with ||c - u|| / ||u||
+    scales:       Optional[tuple] = None           # fdg: per-level (w_l - 1) / (w - 1), high to low frequency
+    parallel_weights: Optional[tuple] = None       # fdg: per-level weight of the parallel part
+    rule_space:   Optional[str] = None             # the space the rule acts in: x0, eps or v
+    rule_form:    Optional[str] = None             # apg / fdg: conditional (paper) or unconditional (diffusers)
+    w_steps:      Optional[tuple] = None           # one w per sampler step (replaces w; as many as steps)
+    window:       Optional[tuple] = None           # (start, stop) fractions of the steps where w applies
+    cfgpp:        bool = False                     # CFG++ steps (euler, heun): re-noise with the guide
 
     def __post_init__(self):
         _check_types(self)
+        for name in ("scales", "parallel_weights", "w_steps", "window"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        if self.zero_init_steps is not None:
+            object.__setattr__(self, "zero_init_steps", int(self.zero_init_steps))
+        for name in _OPTIONAL_FLOATS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("interval", "ramp"):
             v = getattr(self, name)
             if v is not None:
@@ -158,6 +187,8 @@ class MethodSpec:
             raise ValueError(f"a (cfg-autoguidance mixing ratio) must be in [0, 1], got {self.a}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer (rows per forward call), got {self.max_batch}")
+        self.make_rule()
+        self._validate_steps()
         for name in ("interval", "ramp"):
             v = getattr(self, name)
             if v is not None and not all(math.isfinite(x) or (name == "interval" and x == math.inf) for x in v):
@@ -167,21 +198,78 @@ class MethodSpec:
                              f"{self.interval[1]:g}")
         if self.method == "none" and not self.preset:
             given = [k for k, bad in (("w", self.w != 1.0), ("interval", self.interval is not None),
-                                      ("ramp", self.ramp is not None)) if bad]
+                                      ("ramp", self.ramp is not None), ("rule", self.rule != "linear"),
+                                      ("w-steps", self.w_steps is not None), ("window", self.window is not None),
+                                      ("cfgpp", self.cfgpp)) if bad]
             if given:
                 raise ValueError(f"method none has no guidance, so {' and '.join(given)} would do nothing: drop "
                                  f"{', '.join('--' + k for k in given)}, or pick a --method")
         return self
 
+    def _validate_steps(self) -> None:
+        """The step forms of w and CFG++: one line naming the keys that clash or the value that is wrong."""
+        shapes = [k for k, v in (("interval", self.interval), ("ramp", self.ramp), ("w_steps", self.w_steps),
+                                 ("window", self.window)) if v is not None]
+        if len(shapes) > 1:
+            raise ValueError(f"give one shape of w, not {' and '.join(shapes)}: interval / ramp (in sigma), "
+                             "w_steps (per step) or window (fraction of the steps)")
+        if self.w_steps is not None:
+            if self.w != 1.0:
+                raise ValueError("w_steps gives w at every step: drop w (or drop w_steps)")
+            if len(self.w_steps) != self.steps:
+                raise ValueError(f"w_steps has {len(self.w_steps)} values for {self.steps} steps: give one per step "
+                                 "(or set steps to match)")
+            for v in self.w_steps:
+                check_weight(v, "w_steps value")
+        if self.window is not None:
+            if len(self.window) != 2:
+                raise ValueError(f"window must be START,STOP (fractions of the steps), got {list(self.window)}")
+            StepWindow(self.w, *self.window)
+        if self.cfgpp:
+            if self.sampler not in ("euler", "heun"):
+                raise ValueError(f"cfgpp runs on the euler and heun samplers (its paper defines Euler-type steps), "
+                                 f"not {self.sampler}: pass --sampler euler or heun")
+            if self.method in ("none", "cfg-autoguidance"):
+                raise ValueError(f"cfgpp re-noises with the one guide's prediction: method {self.method} has "
+                                 f"{'no guide' if self.method == 'none' else 'two guides'}")
+
+    def make_rule(self) -> Rule:
+        """The combination rule of the spec: `rule` with the parameters that are set (a parameter the rule does not
+        take is refused, naming the rule's own)."""
+        params = {RULE_PARAMS[k]: getattr(self, k) for k in RULE_PARAMS if getattr(self, k) is not None}
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}: expected one of {', '.join(RULES)} (autoguidance rules)")
+        import dataclasses as dc
+
+        own = {f.name for f in dc.fields(RULES[self.rule])}
+        extra = [k for k in RULE_PARAMS if getattr(self, k) is not None and RULE_PARAMS[k] not in own]
+        if extra:
+            def flag(k):
+                return "--" + k.replace("_", "-")
+            theirs = [flag(k) for k in RULE_PARAMS if RULE_PARAMS[k] in own]
+            raise ValueError(f"rule {self.rule} takes no {', '.join(flag(k) for k in extra)}: its parameters are "
+                             f"{', '.join(theirs) or '(none)'} (autoguidance rules)")
+        return make_rule(self.rule, params)
+
     # -- conversions --------------------------------------------------------------------------------------------
     def sampling(self) -> dict:
-        """Keyword arguments of `autoguidance.generate`: sampler, num_steps, sigma_min, sigma_max, rho, S_churn."""
-        return dict(sampler=self.sampler, num_steps=int(self.steps), sigma_min=self.sigma_min,
-                    sigma_max=self.sigma_max, rho=self.rho, S_churn=self.churn)
+        """Keyword arguments of `autoguidance.generate`: sampler, num_steps, sigma_min, sigma_max, rho, S_churn
+        (and cfgpp when set)."""
+        out = dict(sampler=self.sampler, num_steps=int(self.steps), sigma_min=self.sigma_min,
+                   sigma_max=self.sigma_max, rho=self.rho, S_churn=self.churn)
+        if self.cfgpp:
+            out["cfgpp"] = True
+        return out
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples as lists, None values kept)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        """Plain JSON-able dict (tuples as lists, None values kept). The rule and step keys (added with the rules)
+        are written only when they differ from their defaults, so the identity of a run made before them (sample
+        shards, sweep points) is unchanged."""
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        for k in _LATER_KEYS:
+            if out[k] == _DEFAULTS[k]:
+                del out[k]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodSpec":
@@ -210,16 +298,26 @@ class MethodSpec:
         return dataclasses.replace(self, **changes)
 
     def label(self) -> str:
-        """Short description for plots and logs, e.g. 'autoguidance w=2.5'."""
+        """Short description for plots and logs, e.g. 'autoguidance w=2.5', 'cfg w=3 apg(eta=0.0)'."""
         extra = f" {self.perturbation} p={self.p:g}" if self.method == "perturbation" else \
             (f" p={self.p:g}" if self.method == "insitu" else "")
         iv = f" ({self.interval[0]:g},{self.interval[1]:g}]" if self.interval else ""
-        return f"{self.method} w={self.w:g}{extra}{iv}"
+        rule = f" {self.make_rule().describe()}" if self.rule != "linear" else ""
+        steps = (" w per step" if self.w_steps else "") + (f" steps {self.window[0]:g}-{self.window[1]:g}"
+                                                             if self.window else "")
+        return f"{self.method} w={self.w:g}{extra}{iv}{steps}{rule}{' cfg++' if self.cfgpp else ''}"
 
 
+#: MethodSpec key -> parameter of the rule (the others have the parameter's own name)
+RULE_PARAMS = {"eta": "eta", "norm_threshold": "norm_threshold", "momentum": "momentum", "phi": "phi",
+               "zero_init_steps": "zero_init_steps", "alpha": "alpha", "scales": "scales",
+               "parallel_weights": "parallel_weights", "rule_space": "space", "rule_form": "form"}
+_LATER_KEYS = ("rule", *RULE_PARAMS, "w_steps", "window", "cfgpp")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodSpec)}
 _FLOATS = ("w", "p", "a", "sigma_min", "sigma_max", "rho", "churn")
-_STRINGS = ("net", "method", "perturbation", "sampler")
-_OPTIONAL_STRINGS = ("where", "gnet", "uncond", "preset")
+_OPTIONAL_FLOATS = ("eta", "norm_threshold", "momentum", "phi", "alpha")
+_STRINGS = ("net", "method", "perturbation", "sampler", "rule")
+_OPTIONAL_STRINGS = ("where", "gnet", "uncond", "preset", "rule_space", "rule_form")
 
 
 def _check_types(spec: "MethodSpec") -> None:
@@ -240,6 +338,18 @@ def _check_types(spec: "MethodSpec") -> None:
     for name in _OPTIONAL_STRINGS:
         if getattr(spec, name) is not None and not isinstance(getattr(spec, name), str):
             raise bad(name, "a string")
+    for name in _OPTIONAL_FLOATS:
+        if getattr(spec, name) is not None and not number(getattr(spec, name)):
+            raise bad(name, "a number")
+    if spec.zero_init_steps is not None and not (number(spec.zero_init_steps)
+                                                 and float(spec.zero_init_steps).is_integer()):
+        raise bad("zero_init_steps", "an integer")
+    if not isinstance(spec.cfgpp, bool):
+        raise bad("cfgpp", "true or false")
+    for name in ("scales", "parallel_weights", "w_steps", "window"):
+        v = getattr(spec, name)
+        if v is not None and not (isinstance(v, (list, tuple)) and v and all(number(x) for x in v)):
+            raise bad(name, "a list of numbers")
     for name in ("steps", "max_batch"):
         v = getattr(spec, name)
         if not (v is None and name == "max_batch") and not (number(v) and float(v).is_integer()):
@@ -359,6 +469,10 @@ def make_perturbation(name: str, strength: Any, where: Optional[str] = None) -> 
 
 
 def _schedule(spec: MethodSpec):
+    if spec.w_steps is not None:
+        return StepList(spec.w_steps)
+    if spec.window is not None:
+        return StepWindow(check_weight(spec.w), *spec.window)
     if spec.ramp is not None:
         w_end, s_from, s_to = spec.ramp
         return Ramp(check_weight(spec.w), check_weight(w_end), sigma_from=s_from, sigma_to=s_to)
@@ -396,25 +510,33 @@ def build_method(spec: MethodSpec, load: Optional[Callable[[str], Callable]] = N
             raise ValueError(f"preset {spec.preset} fixes {', '.join(f'{k}={fixed[k]}' for k in clash)}, but the "
                              f"spec says {', '.join(f'{k}={getattr(spec, k)}' for k in clash)}: drop those settings, "
                              "or drop --preset and give --method")
+        own = [k for k in ("rule", *RULE_PARAMS, "w_steps", "window") if getattr(spec, k) != _DEFAULTS[k]]
+        if own:
+            raise ValueError(f"preset {spec.preset} builds its own guided denoiser, so "
+                             f"{', '.join('--' + k.replace('_', '-') for k in own)} would do nothing: drop them, "
+                             "or drop --preset and give --method")
         gnet = load(spec.gnet) if spec.gnet else None
         return build_preset(spec.preset, net, gnet, max_batch=spec.max_batch, device=device)
     m, w, mb = spec.method, _schedule(spec), spec.max_batch
     interval = spec.interval
+    rule = spec.make_rule()
     if m == "none":
         return no_guidance(net)
     if m in ("cfg", "cfg-interval"):
-        return cfg(net, w, uncond=load(spec.uncond) if spec.uncond else None, interval=interval, max_batch=mb)
+        return cfg(net, w, uncond=load(spec.uncond) if spec.uncond else None, interval=interval, max_batch=mb,
+                   rule=rule)
     if m == "autoguidance":
-        return autoguidance(net, load(spec.gnet), w, interval=interval, max_batch=mb)
+        return autoguidance(net, load(spec.gnet), w, interval=interval, max_batch=mb, rule=rule)
     if m == "cfg-autoguidance":
-        if interval is not None or spec.ramp is not None:
-            raise ValueError("cfg-autoguidance takes a constant w: drop --interval / --ramp")
+        if interval is not None or spec.ramp is not None or spec.w_steps is not None or spec.window is not None:
+            raise ValueError("cfg-autoguidance takes a constant w: drop --interval / --ramp / --w-steps / --window")
         return cfg_autoguidance(net, load(spec.gnet), spec.w, spec.a,
-                                uncond=load(spec.uncond) if spec.uncond else None, max_batch=mb)
+                                uncond=load(spec.uncond) if spec.uncond else None, max_batch=mb, rule=rule)
     if not isinstance(net, torch.nn.Module):
         raise TypeError(f"method {m} hooks a perturbation into the network's modules: {spec.net} must give a "
                         f"torch.nn.Module, got {type(net).__name__}")
     if m == "insitu":
-        return insitu(net, w, spec.p, where=parse_where(spec.where), module=net, interval=interval, max_batch=mb)
+        return insitu(net, w, spec.p, where=parse_where(spec.where), module=net, interval=interval, max_batch=mb,
+                      rule=rule)
     return perturbation_guidance(net, w, make_perturbation(spec.perturbation, spec.p, spec.where), module=net,
-                                 interval=interval, max_batch=mb)
+                                 interval=interval, max_batch=mb, rule=rule)

@@ -12,6 +12,22 @@ result too, up to the float rounding of the net's kernels, which may sum in anot
 Beside EDM Heun / Euler: DPM-Solver++(2M) (`sample_dpmpp_2m`, Lu et al. 2022, as k-diffusion's `sample_dpmpp_2m`),
 and the flow-matching Euler sampler (`sample_flow_euler`) of diffusers' `FlowMatchEulerDiscreteScheduler`.
 
+Every sampler declares its steps in its run (`schedules.StepClock`: the step index of each denoiser call), so step
+schedules (`StepList`, `StepWindow`) and rules with a step count (CFG-Zero*'s zero-init) can read them.
+
+**CFG++** (Chung et al. 2024, arXiv 2406.08070), `cfgpp=True` of the Euler-type samplers: the step re-noises with
+the guide's prediction instead of the guided one. DDIM writes a deterministic step as `x_next = D + sigma_next eps`
+(EDM Euler is this step, eps = (x - D) / sigma); CFG++ takes `D = D_w` (guided) but `eps = (x - D_bad) / sigma`
+(the unconditional / guide prediction `D_bad`): `x_next = D_w + sigma_next (x - D_bad) / sigma`. In flow time,
+`x_next = (1 - t_next) D_w + t_next (x_t - (1 - t) D_bad) / t` (the same step: x_t = (1 - t) x). The paper's
+guidance scale lambda in [0, 1] is this library's w of `D_bad + w (D_good - D_bad)`; w = 1 still means no
+guidance (the guide pass is skipped and the step is the plain one). Heun (our extension; the paper defines Euler-
+type steps): the trapezoidal average of the CFG++ Euler increments at both ends of the step,
+`x_next = x + (s_next - s)/2 (eps_bad(x) + eps_bad(x')) + ((D_w - D_bad)(x) + (D_w - D_bad)(x'))/2`, x' the CFG++
+Euler predictor; it is the plain Heun step when D_w = D_bad and the Euler CFG++ step when both ends agree. ComfyUI's
+flow-model `euler_cfg_pp` re-noises with the guide's velocity instead (`x_next = D_w + t_next v_bad`); the two
+agree without guidance.
+
 **Flow sampling from pure noise at t = 1.** A rectified-flow model has x_t = (1 - t) x0 + t n; in EDM form
 x = x_t / (1 - t), sigma = t / (1 - t), so its first step, at t = 1, is at sigma = inf with x = inf: no EDM
 sampler can take it. `sample_flow_euler` therefore works in x_t space and flow time t, exactly as the
@@ -34,6 +50,7 @@ import tqdm
 
 from .denoiser import check_rows, take_rows
 from .rng import SamplingRun, StackedGenerators, as_seeds, noise_context
+from .schedules import StepClock
 
 __all__ = ["sigmas_karras", "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler", "generate",
            "SAMPLERS"]
@@ -99,7 +116,17 @@ def _seeds_for(seeds, n: int) -> torch.Tensor:
     return seeds
 
 
-def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, second_order):
+def _parts_of(D: Callable, flow: bool = False) -> Callable:
+    """The `(guided, guide)` predictions method a CFG++ sampler calls (`Guided.parts` / `Guided.flow_parts`)."""
+    fn = getattr(D, "flow_parts" if flow else "parts", None)
+    if not callable(fn):
+        raise ValueError(f"CFG++ (cfgpp=True) re-noises with the guide's prediction, so it needs a guided denoiser that "
+                         f"returns both (autoguidance.Guided, e.g. ag.cfg(...)); got {type(D).__name__}")
+    return fn
+
+
+def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, second_order,
+         cfgpp=False):
     _check_sigmas(sigmas)
     _check_churn(S_churn, S_min, S_max, S_noise)
     if S_churn < 0 or S_noise < 0:
@@ -111,12 +138,15 @@ def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, 
     call = 0
     run = SamplingRun()                                     # caches of the guided denoiser that live for this run
     levels = sigmas.tolist()                                # one read of the noise levels, not two per step
+    StepClock(tuple(i for i in range(num_steps) for _ in range(2 if second_order and levels[i + 1] > 0 else 1)),
+              num_steps).declare(run)
+    fn = _parts_of(D) if cfgpp else D
 
     def denoise(x_, s_):
         nonlocal call
         sig = torch.full((n,), s_, dtype=x_.dtype, device=x_.device)
         with noise_context(seeds, call, run, sig):          # sig is checked: sigmas are, and t_hat >= t_cur > 0
-            out = D(x_, sig, labels)
+            out = fn(x_, sig, labels)
         call += 1
         return out
 
@@ -128,12 +158,22 @@ def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, 
             eps = gens.randn_like(x)  # EDM and k-diffusion do, so the noise streams line up with theirs
             if gamma > 0:
                 x = x + math.sqrt(t_hat**2 - t_cur**2) * S_noise * eps
-        denoised = denoise(x, t_hat)
-        d_cur = (x - denoised) / t_hat                      # dx/dsigma = (x - D(x; sigma)) / sigma
-        x_next = x + (t_next - t_hat) * d_cur               # Euler step
-        if second_order and t_next > 0:                     # Heun correction (Algorithm 2, lines 9-11)
-            d_next = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
+        if cfgpp:
+            denoised, bad = denoise(x, t_hat)
+            e_cur = (x - bad) / t_hat                       # the guide's eps re-noises (CFG++)
+            x_next = denoised + t_next * e_cur              # x_next = D_w + sigma_next eps_bad
+            if second_order and t_next > 0:                 # trapezoidal average of both ends' CFG++ increments
+                den2, bad2 = denoise(x_next, t_next)
+                e_next = (x_next - bad2) / t_next
+                x_next = x + (t_next - t_hat) * (0.5 * e_cur + 0.5 * e_next) \
+                    + 0.5 * (denoised - bad) + 0.5 * (den2 - bad2)
+        else:
+            denoised = denoise(x, t_hat)
+            d_cur = (x - denoised) / t_hat                  # dx/dsigma = (x - D(x; sigma)) / sigma
+            x_next = x + (t_next - t_hat) * d_cur           # Euler step
+            if second_order and t_next > 0:                 # Heun correction (Algorithm 2, lines 9-11)
+                d_next = (x_next - denoise(x_next, t_next)) / t_next
+                x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
         if callback is not None:
             callback({"i": i, "x": x_next, "sigma": t_cur, "sigma_hat": t_hat, "sigma_next": t_next,
                       "denoised": denoised})
@@ -144,18 +184,28 @@ def _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, 
 def sample_euler(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
                  seeds=None, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
                  S_noise: float = 1.0, callback: Optional[Callable] = None, progress: bool = True,
-                 desc: Optional[str] = None) -> torch.Tensor:
-    """Euler (first order) on the probability-flow ODE, with optional churn: one D call per step."""
-    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, False)
+                 desc: Optional[str] = None, cfgpp: bool = False) -> torch.Tensor:
+    """Euler (first order) on the probability-flow ODE, with optional churn: one D call per step. `cfgpp=True`:
+    CFG++'s step (module docstring; D must be a `Guided` with one guide)."""
+    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, False,
+                _flag(cfgpp))
 
 
 def sample_heun(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
                 seeds=None, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
                 S_noise: float = 1.0, callback: Optional[Callable] = None, progress: bool = True,
-                desc: Optional[str] = None) -> torch.Tensor:
+                desc: Optional[str] = None, cfgpp: bool = False) -> torch.Tensor:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2); deterministic with S_churn = 0.
-    2N - 1 D calls for N steps (the last step, to sigma = 0, is Euler)."""
-    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, True)
+    2N - 1 D calls for N steps (the last step, to sigma = 0, is Euler). `cfgpp=True`: the CFG++ Heun step (module
+    docstring)."""
+    return _run(D, x, sigmas, labels, seeds, S_churn, S_min, S_max, S_noise, callback, progress, desc, True,
+                _flag(cfgpp))
+
+
+def _flag(v, name: str = "cfgpp") -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
 
 
 def sample_dpmpp_2m(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, labels=None, seeds=None,
@@ -169,6 +219,7 @@ def sample_dpmpp_2m(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, label
     seeds = _seeds_for(seeds, n)
     old = None
     run = SamplingRun()
+    StepClock(tuple(range(len(sigmas) - 1)), len(sigmas) - 1).declare(run)
     for i in _bar(len(sigmas) - 1, progress, desc):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
         sig = torch.full((n,), float(s_cur), dtype=x.dtype, device=x.device)
@@ -195,11 +246,12 @@ def sample_dpmpp_2m(D: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, label
 
 def sample_flow_euler(D: Callable, x: torch.Tensor, ts: torch.Tensor, *, labels=None, seeds=None,
                       callback: Optional[Callable] = None, progress: bool = True,
-                      desc: Optional[str] = None) -> torch.Tensor:
+                      desc: Optional[str] = None, cfgpp: bool = False) -> torch.Tensor:
     """Flow-matching Euler in x_t space (see the module docstring): `x` is x_t at `ts[0]` (pure noise at t = 1),
     `ts` the decreasing flow times in (0, 1] ending in 0 (diffusers: `scheduler.sigmas` after `set_timesteps`;
     `autoguidance.adapters.flow_times`). Each step asks `D.flow(x_t, t, labels)` for x0 (`flow_call`) and takes
-    `x_t + (t_next - t) (x_t - x0) / t`, the scheduler's `sample + dt * model_output`."""
+    `x_t + (t_next - t) (x_t - x0) / t`, the scheduler's `sample + dt * model_output`. `cfgpp=True`: CFG++'s step
+    `(1 - t_next) x0_w + t_next (x_t - (1 - t) x0_bad) / t` (module docstring; D must be a `Guided`)."""
     from .denoiser import flow_call
 
     if not isinstance(ts, torch.Tensor) or ts.ndim != 1 or len(ts) < 2:
@@ -211,12 +263,21 @@ def sample_flow_euler(D: Callable, x: torch.Tensor, ts: torch.Tensor, *, labels=
     seeds = _seeds_for(seeds, n)
     x = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
     run = SamplingRun()
+    StepClock(tuple(range(len(ts) - 1)), len(ts) - 1).declare(run)
+    parts = _parts_of(D, flow=True) if _flag(cfgpp) else None
     for i in _bar(len(ts) - 1, progress, desc):
         t_cur, t_next = ts[i], ts[i + 1]
-        with noise_context(seeds, i, run):
-            x0 = flow_call(D, x, torch.full((n,), float(t_cur), dtype=x.dtype, device=x.device), labels)
-        v = (x - x0) / t_cur.to(x.dtype)
-        x_next = x + (t_next - t_cur).to(x.dtype) * v
+        tt = torch.full((n,), float(t_cur), dtype=x.dtype, device=x.device)
+        if parts is not None:
+            with noise_context(seeds, i, run):
+                x0, bad = parts(x, tt, labels)
+            tc, tn = t_cur.to(x.dtype), t_next.to(x.dtype)
+            x_next = (1 - tn) * x0 + tn * (x - (1 - tc) * bad) / tc      # re-noise with the guide's eps (CFG++)
+        else:
+            with noise_context(seeds, i, run):
+                x0 = flow_call(D, x, tt, labels)
+            v = (x - x0) / t_cur.to(x.dtype)
+            x_next = x + (t_next - t_cur).to(x.dtype) * v
         if callback is not None:
             callback({"i": i, "x": x_next, "t": float(t_cur), "t_next": float(t_next), "denoised": x0})
         x = x_next

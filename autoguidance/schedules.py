@@ -1,11 +1,25 @@
-"""Schedules of a value over the noise level: the guidance weight `w(sigma)` and perturbation strength `p(sigma)`.
+"""Schedules of a value over sampling: the guidance weight `w(sigma)` and perturbation strength `p(sigma)`.
 
-A schedule is a callable `sigma [N] -> value [N]`. It is a function of sigma, never of a step index: sigma is what
-the papers and users reason in, and it does not change with the number of sampling steps.
+A schedule is a callable `sigma [N] -> value [N]`. The sigma schedules are functions of the noise level only: sigma
+is what the papers reason in, and it does not change with the number of sampling steps.
 
     Constant(2.0)                                  w = 2 everywhere
     Interval(2.1, sigma_lo=0.28, sigma_hi=2.9)     w = 2.1 for sigma in (0.28, 2.9], 1 elsewhere (Kynkaanniemi et al.)
+    Interval(7.0, sigma_lo=1.0)                    the guide pass stops below sigma 1: Adaptive Guidance's skip
+                                                   of the unconditional pass (Castillo et al. 2023, arXiv
+                                                   2312.12487) at a fixed switch point (the paper switches once
+                                                   the two predictions align)
     Ramp(3.0, 1.0, sigma_from=5.0, sigma_to=0.05)  3 at sigma >= 5, 1 at sigma <= 0.05, linear in log sigma between
+
+Beside them, the forms users write in steps (they read the step index the sampler declares, `current_step`, and
+refuse to run outside one of the library's samplers):
+
+    StepList((7.0,) * 45 + (3.0,) * 3)             w per sampler step (Ideogram's 48-step list); the run must have
+                                                   as many steps as the list
+    StepWindow(3.0, start=0.01, stop=0.2)          w for the steps i with int(start N) <= i < int(stop N), 1 elsewhere
+                                                   (diffusers' start/stop fractions; SLG's 1-20% of the steps)
+
+Every rule (`autoguidance.rules`) takes any of these as w; wherever w = 1 the guide pass is not computed.
 """
 from __future__ import annotations
 
@@ -15,7 +29,10 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Schedule", "Constant", "Interval", "Ramp", "as_schedule", "check_weight", "check_probability"]
+from .rng import current_state
+
+__all__ = ["Schedule", "Constant", "Interval", "Ramp", "StepList", "StepWindow", "StepClock", "current_step",
+           "as_schedule", "check_weight", "check_probability"]
 
 
 def _finite(v: float, what: str) -> float:
@@ -124,6 +141,84 @@ class Ramp(Schedule):
 
     def values(self):
         return [self.start, self.end]
+
+
+@dataclass(frozen=True)
+class StepClock:
+    """Which sampler step each denoiser call of a run belongs to, declared by the sampler once per run in the run's
+    cache (`rng.SamplingRun`): `step_of_call[k]` is the step index of call k (Heun: its correction call belongs to
+    the step it corrects), `num_steps` the run's N."""
+
+    step_of_call: tuple
+    num_steps: int
+
+    KEY = "sampler_steps"
+
+    def declare(self, run) -> None:
+        run.cache[self.KEY] = self
+
+
+def current_step(what: str) -> tuple[int, int]:
+    """`(i, N)`: the step index of the current denoiser call and the number of steps of its sampling run, from the
+    sampler's noise context (`rng.current_state`). Raises one line naming `what` outside a run that declares them."""
+    state = current_state()
+    clock = state.run.cache.get(StepClock.KEY) if state is not None and state.run is not None else None
+    if clock is None or not 0 <= state.call < len(clock.step_of_call):
+        raise ValueError(f"{what} needs the sampler's step index: sample with autoguidance's samplers (generate, "
+                         "sample_heun, sample_euler, sample_dpmpp_2m, sample_flow_euler), or use a sigma schedule "
+                         "(Interval, Ramp)")
+    return clock.step_of_call[state.call], clock.num_steps
+
+
+class StepList(Schedule):
+    """A value per sampler step: `values[i]` at step i (every call of that step, every row). The sampling run must
+    have `len(values)` steps."""
+
+    def __init__(self, values):
+        try:
+            vals = tuple(_finite(v, "StepList value") for v in values)
+        except TypeError:
+            raise ValueError(f"StepList takes a sequence of numbers, one per step, got {values!r}") from None
+        if not vals:
+            raise ValueError("StepList needs at least one value (one per sampler step)")
+        self.vals = vals
+
+    def __call__(self, sigma):
+        i, n = current_step("StepList")
+        if n != len(self.vals):
+            raise ValueError(f"StepList has {len(self.vals)} values but the sampler runs {n} steps: give one value "
+                             "per step (or sample with as many steps)")
+        return torch.full_like(torch.as_tensor(sigma, dtype=torch.float32), self.vals[i])
+
+    def values(self):
+        return list(self.vals)
+
+    def __repr__(self):
+        return f"StepList({list(self.vals)})"
+
+
+@dataclass(frozen=True)
+class StepWindow(Schedule):
+    """`inside` for the steps `i` with `int(start N) <= i < int(stop N)` of an N-step run (diffusers' guider
+    start/stop), `outside` elsewhere. `start`, `stop` are fractions of the step count in [0, 1]."""
+
+    inside: float
+    start: float = 0.0
+    stop: float = 1.0
+    outside: float = 1.0
+
+    def __post_init__(self):
+        lo, hi = _finite(self.start, "StepWindow start"), _finite(self.stop, "StepWindow stop")
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"StepWindow needs 0 <= start < stop <= 1 (fractions of the steps), got {lo}, {hi}")
+
+    def __call__(self, sigma):
+        i, n = current_step("StepWindow")
+        v = self.inside if int(self.start * n) <= i < int(self.stop * n) else self.outside
+        return torch.full_like(torch.as_tensor(sigma, dtype=torch.float32), v)
+
+    def values(self):
+        return [self.inside, self.outside]
 
 
 ScheduleLike = Union[float, int, Schedule]

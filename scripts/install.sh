@@ -25,6 +25,8 @@ if [ "${1:-}" = "test" ]; then
   # accelerate: the offload test runs pipe.enable_model_cpu_offload() on a CPU (pinned: its hooks are what the
   # pipeline adapter sits inside)
   $VPIP install -q accelerate==1.16.0
+  # The FDG rule's anchor (diffusers' FrequencyDecoupledGuidance) builds its pyramid with kornia (no torchvision).
+  $VPIP install -q kornia==0.9.0
 else
   $VPIP install -q -e .
 fi

@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "autoguidance"
 #: layers, bottom first: top-level parts of the package (a module `autoguidance.X...` belongs to part X).
 LAYERS = [
     ("base", {"_version", "rng", "schedules", "runs"}),
-    ("core", {"denoiser", "perturb", "guidance", "sampling", "guides"}),
+    ("core", {"denoiser", "perturb", "rules", "guidance", "sampling", "guides"}),
     ("models", {"nets", "toy", "data"}),
     ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train"}),
     ("top", {"experiments", "cli"}),

@@ -7,6 +7,7 @@
     autoguidance sample | metrics | sweep      many samples, their metrics, grids of settings (torchrun-ready)
     autoguidance train | digits | mnist | fashion   EDM2-style U-Nets on real images, and the papers' tables on them
     autoguidance sites | presets | import-edm2 where perturbations can go; the papers' EDM2 configurations
+    autoguidance rules                         the combination rules (APG, rescale, CFG-Zero*, ...) and their flags
 
 Each subcommand lives in its own module of this package, which provides `add_parser(subparsers)`; the parser it adds sets
 `func` (called with the parsed args, returns the exit code). Add a subcommand by naming its module in
@@ -27,8 +28,8 @@ import zipfile
 __all__ = ["main"]
 
 
-SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "fashion", "import_edm2", "presets", "sites", "sample", "metrics",
-               "sweep", "free_guides", "pipe"]
+SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "fashion", "import_edm2", "presets", "sites",
+               "rules", "sample", "metrics", "sweep", "free_guides", "pipe"]
 
 
 class _Parser(argparse.ArgumentParser):

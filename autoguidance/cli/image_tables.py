@@ -112,6 +112,11 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
         if name == "table":
             q.add_argument("--methods", default="", help="comma-separated row keys (default: all)")
         q.set_defaults(func=_run_cli, experiment=name)
+    q = dsub.add_parser("rules", help="combination rules (linear, rescale, APG, CFG-Zero*) for CFG, autoguidance "
+                        "and in-situ: best FD, usable w, precision-recall against CFG",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run_args(q)
+    q.set_defaults(func=_rules_cli)
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_args(a)
@@ -162,6 +167,17 @@ def _run_cli(args) -> int:
     stem = experiment_text(args.experiment, args.data)[0]
     print((Path(args.out) / f"{stem}.md").read_text())
     print(f"wrote {args.out}/{stem}.md, {stem}.json (+ figures) in {rec['seconds']:.0f} s")
+    return 0
+
+
+def _rules_cli(args) -> int:
+    from ..experiments.rules_study import run_rules_study
+
+    torch.set_num_threads(args.threads)
+    lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
+    rec = run_rules_study(lab, args.out, ws=lab.s.ws if args.quick else None)
+    print((Path(args.out) / f"{rec['experiment']}.md").read_text())
+    print(f"wrote {args.out}/{rec['experiment']}.md, .json, _pr.png, _sweep.png in {rec['seconds']:.0f} s")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Flags shared by several commands: the method and sampler flags of `sample` and `sweep` (-> a `MethodSpec`),
+"""Flags shared by several commands: the method, rule and sampler flags of `sample` and `sweep` (-> a `MethodSpec`),
 and number lists."""
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..methods import METHODS, PERTURBATIONS, MethodSpec, preset_fields, toml_loads
+from ..rules import RULES, SPACES
 from ..sampling import SAMPLERS
 
-__all__ = ["parse_floats", "add_method_arguments", "spec_from_args", "check_positive"]
+__all__ = ["parse_floats", "parse_steps", "add_method_arguments", "spec_from_args", "spec_fields_from_args",
+           "check_positive"]
 
 
 def check_positive(v, flag: str, what: str) -> int:
@@ -28,6 +30,26 @@ def parse_floats(text: str, n: Optional[int] = None, what: str = "value") -> tup
         want = f"{n} numbers" if n else "numbers"
         raise ValueError(f"{what} must be {want} separated by commas, got {text!r}")
     return vals
+
+
+def parse_steps(text: str, what: str = "--w-steps") -> tuple:
+    """'7*45,3*3' -> (7.0,) * 45 + (3.0,) * 3: comma-separated values, each optionally repeated `*COUNT` times."""
+    out: list = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        value, _, count = part.partition("*")
+        try:
+            v, k = float(value), int(count) if count else 1
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"{what} entry {part!r} must be VALUE or VALUE*COUNT (e.g. 7*45,3*3)")
+        out += [v] * k
+    if not out:
+        raise ValueError(f"{what} must list one w per step, e.g. 7*45,3*3, got {text!r}")
+    return tuple(out)
 
 
 def add_method_arguments(p, with_grid: bool = False) -> None:
@@ -53,6 +75,24 @@ def add_method_arguments(p, with_grid: bool = False) -> None:
     g.add_argument("--a", type=float, default=None, help="cfg-autoguidance mixing ratio in [0, 1]")
     g.add_argument("--preset", default=None, help="a preset name (autoguidance presets)")
     g.add_argument("--max-batch", type=int, default=None, help="rows per forward call (memory bound)")
+    g.add_argument("--w-steps", default=None, help="one w per sampler step, VALUE or VALUE*COUNT comma-separated "
+                   "(e.g. 7*45,3*3); replaces --w")
+    g.add_argument("--window", default=None, help="START,STOP: apply w only for the steps i with int(START N) <= i < "
+                   "int(STOP N) (fractions of the N steps, e.g. 0.01,0.2)")
+    r = p.add_argument_group("combination rule (autoguidance rules)")
+    if not with_grid:
+        r.add_argument("--rule", default=None, choices=list(RULES), help="how the passes combine (default linear)")
+    r.add_argument("--eta", type=float, default=None, help="apg: weight of the part parallel to the main prediction")
+    r.add_argument("--norm-threshold", type=float, default=None, help="apg: bound on the difference's norm (0: none)")
+    r.add_argument("--momentum", type=float, default=None, help="apg: running-average coefficient (e.g. -0.5)")
+    r.add_argument("--phi", type=float, default=None, help="rescale: mix of the rescaled prediction (0.7)")
+    r.add_argument("--zero-init-steps", type=int, default=None, help="cfg-zero: steps with a zero output first")
+    r.add_argument("--alpha", type=float, default=None, help="mambo: fall-off of w with ||c - u|| / ||u||")
+    r.add_argument("--scales", default=None, help="fdg: per-level (w_l - 1)/(w - 1), high to low frequency")
+    r.add_argument("--parallel-weights", default=None, help="fdg: per-level weight of the parallel part")
+    r.add_argument("--rule-space", default=None, choices=list(SPACES), help="the space the rule acts in (x0)")
+    r.add_argument("--rule-form", default=None, choices=["conditional", "unconditional"],
+                   help="apg / fdg: update on the main prediction (paper) or on the guide's (diffusers)")
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="heun (EDM Alg. 2) or euler")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default 32)")
@@ -60,10 +100,17 @@ def add_method_arguments(p, with_grid: bool = False) -> None:
     s.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default 80)")
     s.add_argument("--rho", type=float, default=None, help="schedule exponent (default 7)")
     s.add_argument("--churn", type=float, default=None, help="S_churn (default 0: deterministic)")
+    s.add_argument("--cfgpp", action="store_true", default=None, help="CFG++ steps (euler, heun): re-noise with the "
+                   "guide's prediction (Chung et al. 2024)")
 
 
 def spec_from_args(args) -> MethodSpec:
     """Defaults <- the preset <- the TOML file (--config) <- explicit flags."""
+    return MethodSpec.from_dict(spec_fields_from_args(args))
+
+
+def spec_fields_from_args(args) -> dict:
+    """The MethodSpec keys `spec_from_args` builds its spec from (unchecked)."""
     d: dict = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -83,13 +130,22 @@ def spec_from_args(args) -> MethodSpec:
                  p=getattr(args, "p", None), perturbation=args.perturbation, where=args.where, gnet=args.gnet,
                  uncond=args.uncond, a=args.a, preset=args.preset, max_batch=args.max_batch, sampler=args.sampler,
                  steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                 churn=args.churn)
+                 churn=args.churn, rule=getattr(args, "rule", None), eta=args.eta, norm_threshold=args.norm_threshold,
+                 momentum=args.momentum, phi=args.phi, zero_init_steps=args.zero_init_steps, alpha=args.alpha,
+                 rule_space=args.rule_space, rule_form=args.rule_form, cfgpp=args.cfgpp)
     if getattr(args, "interval", None):
         flags["interval"] = parse_floats(args.interval, 2, "--interval")
     if args.ramp:
         flags["ramp"] = parse_floats(args.ramp, 3, "--ramp")
+    if args.w_steps:
+        flags["w_steps"] = parse_steps(args.w_steps)
+    if args.window:
+        flags["window"] = parse_floats(args.window, 2, "--window")
+    for name in ("scales", "parallel_weights"):
+        if getattr(args, name):
+            flags[name] = parse_floats(getattr(args, name), None, "--" + name.replace("_", "-"))
     d.update({k: v for k, v in flags.items() if v is not None})
     preset = d.get("preset")
     if preset:
         d = {**preset_fields(preset), **d}
-    return MethodSpec.from_dict(d)
+    return d

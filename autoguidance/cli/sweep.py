@@ -6,8 +6,9 @@
         --perturbation blockdrop --w 1.5,2,2.5 --p 0.05,0.1,0.2 --intervals none,0.28:2.9 --space digits \\
         --ref digits-test --seeds 0-999 --out runs/sw-digits
 
-The grid is the product methods x intervals x p x w (p only for methods that use it: insitu, perturbation; the
-'none' method has one point). Every point samples the same seeds (common random numbers: differences between
+The grid is the product methods x rules x intervals x p x w (p only for methods that use it: insitu, perturbation;
+the 'none' method has one point, with the linear rule). `--rules linear,apg,rescale` sweeps combination rules; the
+rule flags (`--eta 0 --momentum -0.5 ...`) apply to the rules of the grid that take them. Every point samples the same seeds (common random numbers: differences between
 points are not seed noise) and is scored against one reference (`--ref` / `--ref-stats`, as in `metrics`).
 
 Outputs in `--out`: `results.jsonl` (one line per finished point, appended under a file lock, so an interrupted
@@ -29,7 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..methods import METHODS, MethodSpec, build_method, label_dim, load_model, model_digest, sample_shape
+from ..methods import METHODS, RULE_PARAMS, MethodSpec, build_method, label_dim, load_model, model_digest, sample_shape
+from ..rules import RULES
 from ..metrics.evaluate import reference, score
 from ..metrics.extractors import check_weights, get_extractor
 from ..metrics.running import RunningStats
@@ -39,7 +41,7 @@ from ..runs.lock import lock_run
 from ..runs.record import check_out, command_line, identity_of, run_record
 from ..runs.seeds import format_seeds, labels_for, parse_classes, parse_seeds
 from .metrics import add_metric_arguments
-from .options import add_method_arguments, check_positive, parse_floats, spec_from_args
+from .options import add_method_arguments, check_positive, parse_floats, spec_fields_from_args
 
 __all__ = ["grid", "point_key", "read_results", "append_result", "run_sweep", "plot_sweep", "add_parser",
            "METRIC_NAMES"]
@@ -62,17 +64,38 @@ def parse_intervals(text: Optional[str]) -> list[Optional[tuple[float, float]]]:
     return out
 
 
+def _with_rule(rule: str, params: dict) -> dict:
+    """The MethodSpec fields of `rule` with those of the rule parameters `params` (MethodSpec keys) it takes."""
+    import dataclasses
+
+    if rule not in RULES:
+        raise ValueError(f"--rules: unknown rule {rule!r}; expected some of {', '.join(RULES)}")
+    own = {f.name for f in dataclasses.fields(RULES[rule])}
+    return {"rule": rule, **{k: v if RULE_PARAMS[k] in own else None for k, v in params.items()}}
+
+
 def grid(base: MethodSpec, methods: Sequence[str], ws: Sequence[float], ps: Sequence[float],
-         intervals: Sequence[Optional[tuple]]) -> list[MethodSpec]:
-    """The specs of the grid, in a fixed order (method, interval, p, w); duplicates removed."""
+         intervals: Sequence[Optional[tuple]], rules: Optional[Sequence[str]] = None,
+         rule_params: Optional[dict] = None) -> list[MethodSpec]:
+    """The specs of the grid, in a fixed order (method, rule, interval, p, w); duplicates removed. `rules` default:
+    the base's rule; `rule_params` (MethodSpec keys of `RULE_PARAMS`, default: the base's) go to the rules of the
+    grid that take them, and one that no rule takes is refused."""
+    rules = list(rules) if rules else [base.rule]
+    params = rule_params if rule_params is not None else {k: getattr(base, k) for k in RULE_PARAMS}
+    params = {k: v for k, v in params.items() if v is not None}
+    for k in params:
+        if all(_with_rule(r, params)[k] is None for r in rules):
+            raise ValueError(f"--{k.replace('_', '-')} is a parameter of none of the rules {', '.join(rules)}: "
+                             "drop it, or add a rule that takes it to --rules")
     specs, seen = [], set()
-    for m, iv, p, w in itertools.product(methods, intervals, ps, ws):
+    for m, r, iv, p, w in itertools.product(methods, rules, intervals, ps, ws):
         if m not in METHODS:
             raise ValueError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
         if m == "cfg-interval" and iv is None:
             continue
         s = base.replace(method=m, w=1.0 if m == "none" else float(w), p=float(p) if m in _USES_P else base.p,
-                         interval=None if m in ("none", "cfg-autoguidance") else iv)
+                         interval=None if m in ("none", "cfg-autoguidance") else iv,
+                         **_with_rule("linear" if m == "none" else r, params))
         k = point_key(s)
         if k not in seen:
             seen.add(k)
@@ -133,7 +156,7 @@ def append_result(path, rec: dict) -> None:
 
 def _series(rec: dict) -> str:
     iv = rec.get("interval")
-    s = rec["method"]
+    s = rec["method"] + (f" {rec['rule']}" if rec.get("rule", "linear()") != "linear()" else "")
     if rec["method"] in _USES_P:
         s += f" p={rec['p']:g}"
     if iv:
@@ -254,6 +277,7 @@ def _sweep_locked(specs, seeds, out, *, space, ref, ref_stats, ref_n, ref_seed, 
         if labelled:
             res["accuracy"] = correct / labelled
         rec = {"key": key(spec), "label": spec.label(), "method": spec.method, "w": spec.w, "p": spec.p,
+               "rule": spec.make_rule().describe(),
                "interval": list(spec.interval) if spec.interval else None, **res,
                "seconds": round(time.perf_counter() - t0, 3), "rank": r}
         append_result(jsonl, rec)
@@ -272,13 +296,16 @@ def _sweep_locked(specs, seeds, out, *, space, ref, ref_stats, ref_n, ref_seed, 
 
 def _run(args) -> int:
     check_weights(args.space, args.inception_weights, args.dinov2_weights, trust_pickle=args.trust_pickle)
-    base = spec_from_args(args)
+    fields = spec_fields_from_args(args)
+    rule_params = {k: fields.pop(k) for k in RULE_PARAMS if k in fields}      # checked per rule of the grid
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else [fields.get("rule", "linear")]
+    base = MethodSpec.from_dict({**fields, "rule": "linear"})
     if not base.net:
         raise ValueError("no model: pass --net or set net in --config")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     specs = grid(base, methods, parse_floats(args.w_grid, None, "--w"),
                  parse_floats(args.p_grid, None, "--p"),
-                 parse_intervals(args.intervals))
+                 parse_intervals(args.intervals), rules, rule_params)
     seeds = parse_seeds(args.seeds)
     check_positive(args.batch, "--batch", "images per sampler call")
     check_out(args.out)
@@ -310,6 +337,8 @@ def add_parser(subparsers) -> None:
     gr.add_argument("--p", dest="p_grid", default="0.1",
                     help="perturbation strengths (insitu, perturbation), comma-separated")
     gr.add_argument("--intervals", default="none", help="sigma intervals LO:HI or none, comma-separated")
+    gr.add_argument("--rules", default=None, help="combination rules, comma-separated (default: the config's rule, "
+                    "else linear; see `autoguidance rules`)")
     add_metric_arguments(p)
     o = p.add_argument_group("run")
     o.add_argument("--out", required=True, help="output folder (rerun on it to resume)")
