@@ -83,11 +83,11 @@ def test_train_contrastive_saves_a_label_free_feature_net(tmp_path):
     images = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1
     classes = torch.arange(64) % 10
     split = Digits("train", images, torch.nn.functional.one_hot(classes, 10).float(), classes, None)
-    net = train_contrastive(split, split, tmp_path / "enc", epochs=1, batch=32, channels=4, progress=False)
+    net = train_contrastive(split, split, tmp_path / "enc", epochs=1, batch=32, channels=8, progress=False)
     meta = net.checkpoint_meta
     assert meta["epochs"] == 1 and 0.0 <= meta["knn20_test_accuracy"] <= 1.0
     back = load_feature_net(tmp_path / "enc")
     assert isinstance(back, ContrastiveEncoder)
     f, logits = extract(back, images[:5])
-    assert f.shape == (5, 16) and logits is None
+    assert f.shape == (5, 32) and logits is None
     assert torch.equal(f, extract(load(tmp_path / "enc"), images[:5])[0])   # same weights, same call

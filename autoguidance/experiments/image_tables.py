@@ -96,6 +96,7 @@ class Lab:
         self.data = data
         self.weights = Path(weights) if weights is not None else data.weights
         self.features_path = Path(features) if features is not None else self.weights / "features"
+        self._digests: dict[Path, str] = {}         # checkpoint folder -> its weights' sha256 (store keys)
         self.feature_net = load_feature_net(self.features_path)
         test = data.load("test").images
         self.ref = extract(self.feature_net, test)[0]   # the test split's features
@@ -120,7 +121,6 @@ class Lab:
         self.progress = progress
         self._nets: dict[str, torch.nn.Module] = {}
         self.cache: dict[str, dict] = {}
-        self._digests: dict[Path, str] = {}         # checkpoint folder -> its weights' sha256 (store keys)
         self.timing: dict[str, float] = {}          # seconds per evaluation (kept out of the numbers)
         self.samples: dict[str, torch.Tensor] = {}  # evaluation -> its first 100 images (first held-out set only)
         self.images: dict[str, torch.Tensor] = {}   # row key -> the samples of its reported parameters
