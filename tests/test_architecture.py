@@ -24,7 +24,7 @@ LAYERS = [
     ("base", {"_version", "rng", "schedules", "runs"}),
     ("core", {"denoiser", "perturb", "guidance", "sampling", "guides"}),
     ("models", {"nets", "toy", "data"}),
-    ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train"}),
+    ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train", "guidemaker"}),
     ("top", {"experiments", "cli"}),
 ]
 #: the package's face (`autoguidance/__init__.py`) may import every layer below the top.
