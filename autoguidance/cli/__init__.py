@@ -28,7 +28,7 @@ __all__ = ["main"]
 
 
 SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "import_edm2", "presets", "sites", "sample", "metrics",
-               "sweep", "free_guides", "pipe", "make_guide"]
+               "sweep", "free_guides", "pipe", "make_guide", "guides"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -104,6 +104,11 @@ def _fmt_n(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
+def _fmt_t(flops: float) -> str:
+    t = flops / 1e12
+    return f"{t:,.0f}" if t >= 1000 else f"{t:.3g}"
+
+
 def sizes_md(rows: list[dict]) -> str:
     lines = ["| model | call | main params | guide params | main TFLOPs / call | guide TFLOPs / call | "
              "guide / main (FLOPs) | reduced | config |",
@@ -111,6 +116,6 @@ def sizes_md(rows: list[dict]) -> str:
     for r in rows:
         red = ", ".join(f"{k} {v}" for k, v in r["reduced"].items())
         lines.append(f"| {r['name']} | {r['at']} | {_fmt_n(r['main_parameters'])} | {_fmt_n(r['guide_parameters'])} "
-                     f"| {r['main_flops'] / 1e12:.3g} | {r['guide_flops'] / 1e12:.3g} | "
+                     f"| {_fmt_t(r['main_flops'])} | {_fmt_t(r['guide_flops'])} | "
                      f"{r['guide_flops'] / r['main_flops']:.2f} | {red} | {r['source']} |")
     return "\n".join(lines) + "\n"
