@@ -184,14 +184,15 @@ def run_study(lab: Lab, out, st: StudySettings = FULL_STUDY, records: Optional[d
     for g in study_guides(st):
         rec = records[g.name]
         folder = out / "guides" / g.name
-        add(g.name, g.label, _b_auto, lab.grid(main=[main], guide=_ema_names(folder, rec, len(lab.s.emas)), w=W), "auto",
-            float(rec["guide"]["flops_per_call"]), group="made",
+        add(g.name, g.label, _b_auto, lab.grid(main=[main], guide=_ema_names(folder, rec, len(lab.s.emas)), w=W),
+            "auto", float(rec["guide"]["flops_per_call"]), group="made",
             train_percent=100 * (rec["budget"].get("spent_fraction_of_main") or 0.0),
             data="training images" if g.data else "data-free", recipe=g.recipe, init=g.init, budget=g.budget)
     base = rows[0].result
     auto_gain = paired_delta(next(r for r in rows if r.key == "auto").result, base)
     record = {"experiment": "guides_study", "question": QUESTION, "main": main, "settings": asdict(lab.s),
-              "study": json.loads(json.dumps(asdict(st))), "rows": [], "seconds": round(time.perf_counter() - lab.t0, 1)}
+              "study": json.loads(json.dumps(asdict(st))), "rows": [],
+              "seconds": round(time.perf_counter() - lab.t0, 1)}
     for r in rows:
         d = paired_delta(r.result, base) if r is not rows[0] else None
         rec = {**row_json(r), **meta[r.key], "dfd": d}

@@ -127,7 +127,8 @@ def plan(budget: Budget, *, batch: int, flops_per_sample: int, flops_per_input: 
         n = int(samples) if samples is not None else int(input_share * total // flops_per_input)
         if n < batch:
             raise ValueError(f"a budget of {budget.fraction:g} of the main's training FLOPs buys {n} data-free samples "
-                             f"(each costs {flops_per_input:.3g} FLOPs to draw), fewer than one batch of {batch}: raise "
+                             f"(each costs {flops_per_input:.3g} FLOPs to draw), fewer than one batch of {batch}: "
+                             "raise "
                              "--budget, lower --sample-steps or --batch, give --data, or set --samples")
     steps = int((total - n * flops_per_input) // (batch * flops_per_sample))
     if steps < 1:

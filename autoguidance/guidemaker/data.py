@@ -147,39 +147,30 @@ def load_data(source, main, *, prompts: Optional[list] = None, need_labels: bool
                          "the main's resolution and channels (nothing is resized)")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"--data {name} holds non-finite values")
-    cond, labelled = _data_cond(main, x, labels, prompts, need_labels, gen, name)
-    const = {}
-    if isinstance(cond, tuple):
-        cond, const = cond
+    cond, const, labelled = _data_cond(main, len(x), labels, prompts, need_labels, gen, name)
     return Pool(x, cond, const, src, labelled)
 
 
-def _data_cond(main, x, labels, prompts, need_labels, gen, name):
-    """Conditioning rows for data `x` (see the module docstring)."""
-    n = len(x)
+def _data_cond(main, n: int, labels, prompts, need_labels: bool, gen, name: str) -> tuple:
+    """`(cond rows, const, labelled)` for `n` data samples with `labels` `[n]` or None (see the module docstring)."""
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    if main.kind == "edm2":
-        dim = int(main.net.config["label_dim"])
-        if not dim:
-            return None, True
+    kind = "class" if main.kind == "edm2" and int(main.net.config["label_dim"]) else (
+        "none" if main.kind == "edm2" else main.conditioning_kind())
+    if kind == "none":
+        return None, {}, True
+    if kind == "class":
         if labels is None:
             if need_labels:
                 raise ValueError(f"--data {name} has no labels, and this recipe trains the class-conditional main's "
                                  "own loss on it: add labels [N] to the .npz, or PNGs in class subfolders 0..K-1")
-            return main.draw_cond(n, gen), False
+            return main.draw_cond(n, gen), {}, False
+        if main.kind != "edm2":
+            return {"class_labels": labels}, {}, True
+        dim = int(main.net.config["label_dim"])
         if labels.min() < 0 or labels.max() >= dim:
             raise ValueError(f"--data {name}: labels must be classes 0..{dim - 1}, got {int(labels.min())}.."
                              f"{int(labels.max())}")
-        return torch.nn.functional.one_hot(labels, dim).to(torch.float32), True
-    kind = main.conditioning_kind()
-    if kind == "none":
-        return None, True
-    if kind == "class":
-        if labels is None:
-            if need_labels:
-                raise ValueError(f"--data {name} has no labels [N] for this class-conditional main's own loss")
-            return main.draw_cond(n, gen), False
-        return {"class_labels": labels}, True
+        return torch.nn.functional.one_hot(labels, dim).to(torch.float32), {}, True
     if prompts is None:
         raise ValueError(f"a text-conditioned {main.family()} main needs --prompts FILE (one prompt a line) for its "
                          "conditioning")
@@ -189,7 +180,7 @@ def _data_cond(main, x, labels, prompts, need_labels, gen, name):
                          "--prompts)")
     rows, const = main.prompt_conditioning(prompts)
     pick = torch.randint(len(prompts), (n,), generator=gen)
-    return (take_rows(rows, pick), const), False
+    return take_rows(rows, pick), const, False
 
 
 def conditioning_for(main, n: int, prompts, gen):

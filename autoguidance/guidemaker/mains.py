@@ -28,10 +28,10 @@ class Main:
     """What every recipe needs of a main model (see the module docstring). Subclasses fill it in."""
 
     kind: str = ""                 # 'edm2' | 'diffusers'
-    ref: str = ""                  # how the user named it
+    ref: str                       # how the user named it
     net: torch.nn.Module           # the main, eval mode, gradients off (never changed)
-    digest: str = ""
-    record: dict = {}
+    digest: str                    # sha256 of its files (checkpoint.digest)
+    record: dict                   # its training record ({} without one)
 
     # -- identity ------------------------------------------------------------------------------------------------
     def signature(self) -> dict:

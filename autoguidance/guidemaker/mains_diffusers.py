@@ -43,7 +43,8 @@ _NOT_CONDITIONING = ("sample", "hidden_states", "timestep", "return_dict", "join
 
 
 def parse_t_dist(text: Optional[str], flow: bool) -> tuple:
-    """`('uniform',)` or `('logit-normal', m, s)` from `--t-dist` (default: uniform for VP, logit-normal 0,1 for flow)."""
+    """`('uniform',)` or `('logit-normal', m, s)` from `--t-dist` (default: uniform for VP, logit-normal 0,1 for
+    flow)."""
     if text is None:
         return ("logit-normal", 0.0, 1.0) if flow else ("uniform",)
     if text == "uniform":
@@ -231,7 +232,7 @@ class DiffusersMain(Main):
             return generate(self.D, seeds, self.sample_shape(), labels=cond, num_steps=steps, batch=64,
                             sigma_min=self.D.sigma_min, sigma_max=self.D.sigma_max, device=device, progress=False)
 
-    # -- writing a guide -------------------------------------------------------------------------------------------------
+    # -- writing a guide ---------------------------------------------------------------------------------------------
     def save_guide(self, model: torch.nn.Module, folder: Path, meta: dict) -> None:
         """`save_pretrained` (safetensors) into a hidden folder beside, then each file moved into `folder`, the
         config last; the guide's record is `guide.json` (written by make-guide)."""

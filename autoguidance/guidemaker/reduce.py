@@ -53,7 +53,8 @@ def family_of(name: str) -> str:
 
 def _check_fraction(v: float, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-        raise ValueError(f"--{name} must be a fraction in (0, 1] of the main's {'channels' if name == 'width' else 'blocks'}, "
+        what = "channels" if name == "width" else "blocks"
+        raise ValueError(f"--{name} must be a fraction in (0, 1] of the main's {what}, "
                          f"got {v!r}")
     return float(v)
 

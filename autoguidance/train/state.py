@@ -109,7 +109,8 @@ def load_state(path, *, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: P
     ema.load_state_dict({"steps": meta["ema_steps"], "stds": list(ema.stds),
                          "averages": {str(s): {k[len(f"ema.{s!r}."):]: v for k, v in t.items()
                                                if k.startswith(f"ema.{s!r}.")} for s in ema.stds}})
-    opt.load_state_dict({"state": {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_keys"].items()},
+    opt.load_state_dict({"state": {int(i): {k: t[f"opt.{i}.{k}"] for k in keys}
+                                   for i, keys in meta["opt_keys"].items()},
                          "param_groups": meta["opt_param_groups"]})
     gen.set_state(t["rng.generator"])
     torch.set_rng_state(t["rng.torch"])

@@ -42,7 +42,8 @@ class Snapshot(Recipe):
             if getattr(net, "config", None) != main.net.config:
                 raise ValueError(f"--from {ref} has another architecture than the main: a snapshot of the main's own "
                                  "run has the main's (for a smaller guide use recipe distill, or --gnet directly)")
-            mine, theirs = dict(main.record.get("train") or {}), dict(getattr(net, "checkpoint_meta", {}).get("train") or {})
+            mine = dict(main.record.get("train") or {})
+            theirs = dict(getattr(net, "checkpoint_meta", {}).get("train") or {})
             if not mine or not theirs:
                 raise ValueError(f"--from {ref}: the main and the snapshot must both record their training run "
                                  "(`autoguidance train`) for make-guide to check they are one run; use --gnet directly")
@@ -52,8 +53,8 @@ class Snapshot(Recipe):
                                  f"{', '.join(diff)}")
             it, main_it = int(net.checkpoint_meta.get("iteration", -1)), int(main.record.get("iteration", -1))
             if not 0 < it < main_it:
-                raise ValueError(f"--from {ref} is at iteration {it}, not before the main's {main_it}: a snapshot guide "
-                                 "is an earlier checkpoint of the run")
+                raise ValueError(f"--from {ref} is at iteration {it}, not before the main's {main_it}: a snapshot "
+                                 "guide is an earlier checkpoint of the run")
             return {"from": str(ref), "digest": digest(ref), "iteration": it, "main_iteration": main_it,
                     "fraction_of_main_run": it / main_it, "ema_std": net.checkpoint_meta.get("ema_std"),
                     "run_checked": True, "net": net}
@@ -85,7 +86,8 @@ class Snapshot(Recipe):
             save_into(checked["net"], out, meta={"guide": meta, "snapshot_meta": checked["net"].checkpoint_meta})
             return
         src = Path(checked["model_dir"])
-        files = sorted([f for f in src.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name == "config.json")],
+        files = sorted((f for f in src.iterdir()
+                        if f.is_file() and (f.suffix == ".safetensors" or f.name == "config.json")),
                        key=lambda f: f.name == "config.json")
         for f in files:
             shutil.copy2(f, out / f.name)
