@@ -9,6 +9,7 @@ from . import adapters  # noqa: F401  (registers the adapters' module rules with
 from ._version import __version__
 from .checkpoint import load, save, shipped
 from .denoiser import Denoiser, EDMPrecond
+from .guidemaker import make_guide
 from .guidance import (Guided, Guide, Pass, autoguidance, cfg, cfg_autoguidance, insitu, insitu_weight,
                        no_guidance, perturbation_guidance)
 from .perturb import (BlockDrop, Dropout, IdentityAttention, InputNoise, NoisierLevel, SkipLayers, SmoothedAttention,
@@ -24,4 +25,4 @@ __all__ = ["load", "save", "shipped", "Denoiser", "EDMPrecond", "Guided", "Guide
            "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention", "SkipLayers", "SmoothedAttention",
            "TokenShuffle", "NoisierLevel", "list_sites", "generate", "sample_euler", "sample_heun", "sample_dpmpp_2m",
            "sample_flow_euler", "sigmas_karras", "Constant", "Interval", "Ramp", "StepList", "StepWindow", "rules",
-           "Linear", "Rescale", "APG", "CFGZeroStar", "TCFG", "FDG", "MAMBO", "__version__"]
+           "Linear", "Rescale", "APG", "CFGZeroStar", "TCFG", "FDG", "MAMBO", "make_guide", "__version__"]

@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from .nets import FAMILIES as _BUILTIN_FAMILIES
-from .runs.files import current_umask, write_json
+from .runs.files import atomic_path, current_umask, write_json
 
-__all__ = ["save", "load", "load_config", "shipped", "register_family", "digest", "file_sha256", "add_checksum",
+__all__ = ["save", "save_into", "load", "is_diffusers_folder", "load_config", "shipped", "register_family", "digest", "file_sha256", "add_checksum",
            "WEIGHTS_DIR", "CheckpointError"]
 
 FORMAT = "autoguidance-checkpoint"
@@ -81,10 +81,13 @@ _DIGESTS: dict = {}
 
 
 def digest(name_or_path) -> str:
-    """A checkpoint's identity: sha256 over its config.json and model.safetensors bytes (cached per process by
-    path, size and modification time). Runs record it, so a changed checkpoint never reuses old results."""
+    """A checkpoint's identity: sha256 over its config.json and model.safetensors bytes (a diffusers model
+    folder: config.json and its .safetensors files; cached per process by path, size and modification time).
+    Runs record it, so a changed checkpoint never reuses old results."""
     path = _resolve(name_or_path)
     files = [path / "config.json", path / "model.safetensors"]
+    if is_diffusers_folder(path):   # a diffusers model folder: its config and every safetensors file
+        files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
     key = tuple((str(f.resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat())) if f.exists() else
                 (str(f), None) for f in files)
     if key not in _DIGESTS:
@@ -109,24 +112,36 @@ def add_checksum(name_or_path) -> bool:
     return True
 
 
-def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
-    """Write `model` (which must have `.family` and `.config`) to the folder `path`, atomically."""
-    from safetensors.torch import save_file
-
+def _family_config(model: torch.nn.Module) -> tuple[str, dict]:
     family = getattr(model, "family", None)
     config = getattr(model, "config", None)
     if family is None or config is None:
         raise TypeError("save() needs a network with .family and .config attributes (the library's nets have them)")
+    return family, config
+
+
+def _write_files(model: torch.nn.Module, folder: Path, meta: dict | None) -> None:
+    """`model.safetensors`, then `config.json` (with the weights' sha256) into `folder`, each file atomically."""
+    from safetensors.torch import save_file
+
+    family, config = _family_config(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(folder / "config.json", {"format": FORMAT, "version": VERSION, "family": family, "config": config,
+                                        "meta": meta or {}, "sha256": file_sha256(folder / "model.safetensors")})
+
+
+def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
+    """Write `model` (which must have `.family` and `.config`) to the folder `path`, atomically: the folder is
+    built beside and renamed into place (an existing folder of that name is replaced)."""
+    _family_config(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the folder the permissions mkdir would
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        write_json(tmp / "config.json", {"format": FORMAT, "version": VERSION, "family": family,
-                                         "config": config, "meta": meta or {},
-                                         "sha256": file_sha256(tmp / "model.safetensors")})
+        _write_files(model, tmp, meta)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -134,6 +149,16 @@ def save(model: torch.nn.Module, path, meta: dict | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def save_into(model: torch.nn.Module, folder, meta: dict | None = None) -> Path:
+    """Write `model` as a checkpoint into the existing folder `folder`, keeping its other files (a run's record,
+    its states, its lock): `model.safetensors`, then `config.json` last, each replaced atomically. A reader sees
+    the old checkpoint or the new one's tensors with a config naming their sha256 (checked on load)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_files(model, folder, meta)
+    return folder
 
 
 def load_config(name_or_path) -> dict:
@@ -153,13 +178,47 @@ def load_config(name_or_path) -> dict:
     return cfg
 
 
+def is_diffusers_folder(path) -> bool:
+    """True for a diffusers model folder (`save_pretrained`): a config.json naming a `_class_name`."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return isinstance(json.loads(cfg.read_text()).get("_class_name"), str)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _load_diffusers(path: Path, device) -> torch.nn.Module:
+    """A diffusers model folder (e.g. a guide `autoguidance make-guide` wrote for a diffusers main) through its
+    class's `from_pretrained`, from safetensors only (no pickle) and local files only."""
+    name = json.loads((path / "config.json").read_text())["_class_name"]
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError(f"{path} is a diffusers model folder ({name}): loading it needs diffusers "
+                          "(pip install autoguidance[diffusers])") from e
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise CheckpointError(f"{path / 'config.json'} names {name!r}, which this diffusers version does not have")
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path} holds no .safetensors weights: only safetensors are loaded (a .bin file is a "
+                              "pickle); save the model with save_pretrained(safe_serialization=True)")
+    model = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load(name_or_path, device="cpu") -> torch.nn.Module:
     """Build the network of a shipped or saved checkpoint and load its weights. Returns an eval-mode denoiser
-    module with gradients off. Raises FileNotFoundError / CheckpointError with the fix when anything is off."""
+    module with gradients off. Raises FileNotFoundError / CheckpointError with the fix when anything is off.
+    A diffusers model folder (config.json with `_class_name`) loads through diffusers (safetensors only) and comes
+    back as that diffusers model, eval mode, gradients off (e.g. the `guide=` of `guided_pipeline`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = _resolve(name_or_path)
+    if is_diffusers_folder(path):
+        return _load_diffusers(path, device)
     cfg = load_config(path)
     weights = path / "model.safetensors"
     if not weights.is_file():

@@ -28,7 +28,28 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 __all__ = ["Denoiser", "EDMPrecond", "as_sigma", "check_x", "check_labels", "score_from_denoiser", "take_rows",
-           "cat_rows", "batch_size", "broadcast_rows", "flow_call", "has_flow", "t_to_sigma", "sigma_to_t"]
+           "cat_rows", "batch_size", "broadcast_rows", "flow_call", "has_flow", "t_to_sigma", "sigma_to_t",
+           "register_guide_check", "check_guide"]
+
+
+#: functions `(main, guide) -> None or a one-line reason` that refuse a guide made for another main (registered by
+#: the library floor: `autoguidance.guidemaker.compat` for the library's nets and diffusers models)
+_GUIDE_CHECKS: list = []
+
+
+def register_guide_check(fn) -> None:
+    """Add `fn(main, guide) -> Optional[str]` to the checks `check_guide` runs (a reason string refuses the pair)."""
+    if fn not in _GUIDE_CHECKS:
+        _GUIDE_CHECKS.append(fn)
+
+
+def check_guide(main, guide) -> None:
+    """Raise ValueError (one line) when `guide` was made for another main than `main` (another sample shape, class
+    count or text width), as the registered checks tell; callables they do not know pass."""
+    for fn in _GUIDE_CHECKS:
+        reason = fn(main, guide)
+        if reason:
+            raise ValueError(reason)
 
 
 @runtime_checkable

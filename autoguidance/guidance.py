@@ -53,8 +53,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .denoiser import (as_sigma, broadcast_rows, cat_rows, check_labels, check_x, flow_call, t_to_sigma,
-                       take_rows)
+from .denoiser import (as_sigma, broadcast_rows, cat_rows, check_guide, check_labels, check_x, flow_call,
+                       t_to_sigma, take_rows)
 from .perturb import Dropout, Perturbation, Where
 from .perturb.base import scopes_active
 from .perturb.prefix import PrefixMismatch, SharedPrefix, sharing_prefix
@@ -630,6 +630,7 @@ def autoguidance(net: Callable, guide: Callable, w: ScheduleLike, *,
                  interval: Optional[tuple[float, float]] = None, max_batch: Optional[int] = None,
                  rule: Union[None, str, Rule] = None) -> Guided:
     """Autoguidance (Karras et al. 2024): guide = a smaller and/or shorter-trained model of the same task."""
+    check_guide(net, guide)
     return Guided(Pass(net), [Guide(Pass(guide), _weight(w, interval))], max_batch, rule=rule)
 
 
@@ -665,6 +666,7 @@ def cfg_autoguidance(net: Callable, guide: Callable, w: float, a: float, *, unco
     `a = 0` is pure CFG, `a = 1` pure autoguidance."""
     w = check_weight(w)
     _check_conditional(net, uncond)
+    check_guide(net, guide)
     if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0):
         raise ValueError(f"mixing ratio a must be in [0, 1], got {a!r}")
     w_u, w_c = (1 - a) * (w - 1) + 1, a * (w - 1) + 1

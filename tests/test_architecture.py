@@ -24,7 +24,7 @@ LAYERS = [
     ("base", {"_version", "rng", "schedules", "runs"}),
     ("core", {"denoiser", "perturb", "rules", "guidance", "sampling", "guides"}),
     ("models", {"nets", "toy", "data"}),
-    ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train"}),
+    ("library", {"checkpoint", "adapters", "edm2", "methods", "metrics", "train", "guidemaker"}),
     ("top", {"experiments", "cli"}),
 ]
 #: the rooms of the diffusers adapter (`autoguidance.adapters.diffusers.X`) and the package modules each may import

@@ -29,7 +29,8 @@ __all__ = ["main"]
 
 
 SUBCOMMANDS = ["demo", "toy", "models", "train", "digits", "mnist", "fashion", "import_edm2", "presets", "sites",
-               "rules", "sample", "metrics", "sweep", "free_guides", "pipe"]
+               "rules", "sample", "metrics", "sweep", "free_guides", "pipe", "make_guide",
+               "guides"]
 
 
 class _Parser(argparse.ArgumentParser):

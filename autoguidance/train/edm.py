@@ -37,14 +37,12 @@ import torch
 import tqdm
 
 from ..checkpoint import save
-from ..runs.files import atomic_path, write_json
 from ..nets.edm2 import EDM2Precond
 from .ema import PowerFunctionEMA
+from .state import STATE_FORMAT, load_state, save_state
 
-__all__ = ["DIGITS_NETS", "MNIST_NETS", "FASHION_NETS", "DATASETS", "digits_net_config", "net_config", "EDM2TrainConfig", "edm2_loss", "learning_rate", "train_edm2",
+__all__ = ["DIGITS_NETS", "MNIST_NETS", "FASHION_NETS", "DATASETS", "digits_net_config", "net_config", "EDM2TrainConfig", "edm2_loss", "load_dataset", "learning_rate", "train_edm2",
            "snapshot_name", "snapshot_iterations", "save_train_state", "load_train_state", "STATE_FORMAT"]
-
-STATE_FORMAT = "autoguidance-train-state"
 
 #: EDM2-style U-Nets sized for 8x8 digits (two levels, 8x8 and 4x4, self-attention at 4x4). The XS/S channel
 #: ratio (8/12) is the papers' 128/192; XS has ~0.45x S's parameters (papers: 125M / 280M).
@@ -171,81 +169,41 @@ def learning_rate(t: int, lr_ref: float, t_ref: int, t_rampup: int) -> float:
 
 
 def edm2_loss(net: EDM2Precond, images: torch.Tensor, labels: Optional[torch.Tensor], sigma: torch.Tensor,
-              noise: torch.Tensor) -> torch.Tensor:
+              noise: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-image EDM2 loss `[N]` (see module docstring). `images`, `noise`: `[N, C, H, W]`; `sigma`: `[N]`;
-    `labels`: `[N, label_dim]` or None."""
+    `labels`: `[N, label_dim]` or None. `target` (default `images`) is what D is pulled to: another net's
+    prediction `D_main(images + sigma noise; sigma)` makes it EDM2's loss for distillation (same weighting and
+    uncertainty head, the main's prediction in place of the clean image)."""
     sd = net.sigma_data
     weight = ((sigma**2 + sd**2) / (sigma * sd) ** 2).reshape(-1, 1, 1, 1)
     D, logvar = net(images + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels, return_logvar=True)
-    per_pixel = weight / logvar.exp() * (D - images).square() + logvar
+    per_pixel = weight / logvar.exp() * (D - (images if target is None else target)).square() + logvar
     return per_pixel.mean(dim=(1, 2, 3))
 
 
-# -- training state: safetensors + JSON ------------------------------------------------------------------------
+# -- training state: safetensors + JSON (train/state.py) -----------------------------------------------------
 
 def save_train_state(path, *, config: EDM2TrainConfig, step: int, net: torch.nn.Module,
                      opt: torch.optim.Optimizer, ema: PowerFunctionEMA, gen: torch.Generator,
                      seconds: float) -> Path:
     """Write the complete training state to folder `path` (`state.safetensors` + `state.json`), atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in net.state_dict().items():
-        tensors[f"net.{k}"] = v
-    for s, m in ema.averages.items():
-        for k, v in m.state_dict().items():
-            tensors[f"ema.{s!r}.{k}"] = v
-    opt_state = opt.state_dict()
-    opt_keys: dict[str, list[str]] = {}
-    for idx, st in opt_state["state"].items():
-        opt_keys[str(idx)] = sorted(st)
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v)
-    tensors["rng.generator"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"format": STATE_FORMAT, "version": 1, "step": step, "seconds": seconds, "config": asdict(config),
-            "ema_steps": ema.steps, "opt_param_groups": opt_state["param_groups"], "opt_keys": opt_keys}
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "state.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    write_json(path / "state.json", meta)  # written last: a state folder with a state.json is complete
-    return path
+    return save_state(path, settings=asdict(config), step=step, net=net, opt=opt, ema=ema, gen=gen, seconds=seconds)
 
 
 def load_train_state(path, *, net: torch.nn.Module, opt: torch.optim.Optimizer, ema: PowerFunctionEMA,
                      gen: torch.Generator, config: Optional[EDM2TrainConfig] = None) -> dict:
     """Restore a state written by `save_train_state` into the given objects; returns its JSON record.
     With `config`, refuses a state from a run with different settings (other than the snapshot list)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
-        raise FileNotFoundError(f"{path} is not a training state folder (needs state.json and state.safetensors, "
-                                "as written by `autoguidance train` into --state-dir)")
-    meta = json.loads((path / "state.json").read_text())
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}/state.json is not an {STATE_FORMAT} record")
-    if config is not None:
-        mine, theirs = asdict(config), dict(meta["config"])
-        mine.pop("snapshots"), theirs.pop("snapshots", None)
-        diff = {k: (theirs.get(k), v) for k, v in json.loads(json.dumps(mine)).items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(f"cannot resume from {path}: its run used other settings {{name: (saved, now)}}: {diff}. "
-                             "Resume with the same arguments as the interrupted run")
-    t = load_file(str(path / "state.safetensors"))
-    net.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("net.")}, strict=True)
-    ema.load_state_dict({"steps": meta["ema_steps"], "stds": list(ema.stds),
-                         "averages": {str(s): {k[len(f"ema.{s!r}."):]: v for k, v in t.items()
-                                               if k.startswith(f"ema.{s!r}.")} for s in ema.stds}})
-    opt.load_state_dict({"state": {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_keys"].items()},
-                         "param_groups": meta["opt_param_groups"]})
-    gen.set_state(t["rng.generator"])
-    torch.set_rng_state(t["rng.torch"])
-    return meta
+    return load_state(path, net=net, opt=opt, ema=ema, gen=gen,
+                      settings=asdict(config) if config is not None else None, ignore=("snapshots",))
 
 
 # -- the training loop -----------------------------------------------------------------------------------------
+
+def load_dataset(name: str, subset: str = "all"):
+    """The training split of a dataset of `DATASETS` (images `[N, C, R, R]` in [-1, 1], one-hot labels)."""
+    return _dataset(name, subset)
+
 
 def _dataset(name: str, subset: str):
     if name == "fashion28":
