@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import WEIGHTS_DIR
 from ..runs.files import write_json, write_text
 from ..experiments.image_tables import EXPERIMENTS, FULL, QUICK, Lab, Settings, experiment_text, run_experiment
-from ..experiments.image_tables_report import Row, costs_md, extra_cols, table_md
+from ..experiments.image_tables_report import Row, costs_md, extra_cols, extra_md, table_md
 from ..experiments.image_sets import DIGITS, ImageSet
 
 __all__ = ["add_image_set_parser", "render", "write_manifest"]
@@ -32,6 +32,7 @@ def render(out, data: ImageSet = DIGITS) -> list[str]:
         md = table_md(rows, title, note, Settings(**{k: tuple(v) if isinstance(v, list) else v
                                                      for k, v in rec["settings"].items()}),
                       extra_cols(name), fd_name=data.fd_name)
+        md += extra_md(name, rows, data.fd_name)
         if name == "table":
             md += costs_md(rec.get("training_costs", {}))
         write_text(out / f"{stem}.md", md)
@@ -120,7 +121,8 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_args(a)
-    a.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments, in order")
+    a.add_argument("--only", default=",".join(data.experiments or EXPERIMENTS),
+                   help="comma-separated experiments, in order")
     a.set_defaults(func=_all_cli)
     f = dsub.add_parser("features", help=f"train the feature network of the {data.noun} metrics",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -147,7 +149,7 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
 
 
 def _settings(args) -> Settings:
-    s = QUICK if args.quick else FULL
+    s = QUICK if args.quick else replace(FULL, **dict(args.data.full))
     if args.n is not None:
         s = replace(s, n=args.n, batch=min(s.batch, args.n) if s.batch else args.n)
     if args.steps is not None:

@@ -53,7 +53,8 @@ from ..metrics.prdc import prdc
 from ..sampling import generate
 from ..schedules import Interval, Ramp, as_schedule
 from .image_sets import DIGITS, ImageSet
-from .image_tables_report import Row, costs_md, extra_cols, fmt_params, plot_grids, plot_sweeps, row_json, table_md, \
+from .image_tables_report import Row, costs_md, extra_cols, extra_md, fmt_params, plot_grids, plot_pr, plot_sweeps, \
+    row_json, table_md, \
     training_costs
 
 __all__ = ["Settings", "FULL", "QUICK", "Lab", "experiment_text", "run_table", "run_degradations", "run_failures", "run_schedules",
@@ -74,6 +75,7 @@ class Settings:
     eval_sets:  tuple = (1, 2, 3)              # held-out seed sets: mean and spread are over these
     ws:         tuple = (1.1, 1.25, 1.5, 2.0, 3.0)  # guidance weights swept (w = 1 is the unguided row)
     emas:       tuple = ("050", "150")         # EMA lengths (relative std x 1000) of the checkpoints
+    guide_emas: Optional[tuple] = None         # the guides' EMA lengths tried, if not every one of `emas`
     batch:      int = 300                      # images per sampler call (results do not depend on it)
 
     def seeds(self, seed_set: int) -> torch.Tensor:
@@ -274,13 +276,16 @@ def _ws(lab: Lab) -> list[float]:
     return [float(w) for w in lab.s.ws]
 
 
-def _guide_names(lab: Lab, prefix: str) -> list[str]:
-    return [f"{prefix}-ema{e}" for e in lab.s.emas]
+def _guide_names(lab: Lab, prefix: str, guide: bool = True) -> list[str]:
+    """The checkpoints of a run's snapshot at the EMA lengths tried: the settings' `guide_emas` for a guide (every
+    EMA when None), every EMA for a main."""
+    emas = (lab.s.guide_emas or lab.s.emas) if guide else lab.s.emas
+    return [f"{prefix}-ema{e}" for e in emas]
 
 
 def choose_main(lab: Lab, prefix: str, conditional: bool = True) -> tuple[str, dict]:
     """The main net's EMA length: the best FD without guidance on the tuning set."""
-    res = lab.tune(f"none:{prefix}", _b_none, lab.grid(main=_guide_names(lab, prefix)), conditional)
+    res = lab.tune(f"none:{prefix}", _b_none, lab.grid(main=_guide_names(lab, prefix, guide=False)), conditional)
     return res["best"]["main"], res
 
 
@@ -395,8 +400,8 @@ def _b_quant(L, p):
 
 # -- the experiments ---------------------------------------------------------------------------------------------
 
-#: the free guides of each set's main table: on digits the first three tried; on MNIST the best free guides of the
-#: digits head-to-head (docs/free_guides.md: block drop, TPG, skip-layer; the same-run T/16 snapshot and in-situ
+#: the free guides of each set's main table: on digits the first three tried; on MNIST and Fashion-MNIST the best
+#: free guides of the digits head-to-head (docs/free_guides.md: block drop, TPG, skip-layer; the same-run T/16 snapshot and in-situ
 #: dropout are rows of the table already)
 TABLE_PERTURBATIONS = {
     "digits": (("blockdrop", 0.1, "block drop p = 0.1"), ("inputnoise", 0.2, "input noise +20%"),
@@ -405,6 +410,7 @@ TABLE_PERTURBATIONS = {
                                                                     "blocks shuffled"),
               ("skiplayer", 1.0, "skip-layer, the 2 bottleneck blocks return their input")),
 }
+TABLE_PERTURBATIONS["fashion"] = TABLE_PERTURBATIONS["mnist"]     # the same free guides, on the 28x28 nets
 
 
 def _cfg_grid(lab: Lab, main: str) -> list[dict]:
@@ -420,7 +426,8 @@ def _auto_grid(lab: Lab, main: str) -> list[dict]:
 def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
     """The main table (Karras et al. 2024, Table 1 at digits scale, plus the in-situ and perturbation rows)."""
     W = _ws(lab)
-    want = (lambda k: methods is None or k in methods)
+    rows_of_set = lab.data.table_rows
+    want = (lambda k: (methods is None and (rows_of_set is None or k in rows_of_set)) or (methods is not None and k in methods))
     main, _ = choose_main(lab, "s-T")
     rows: list[Row] = []
 
@@ -579,7 +586,7 @@ def run_guides(lab: Lab) -> list[Row]:
     T/3.5 for XXL)."""
     main, _ = choose_main(lab, "s-T")
     W = _ws(lab)
-    emas = lab.s.emas
+    emas = lab.s.guide_emas or lab.s.emas
     if not lab.data.guides_tune_ema:   # the guide EMA of the main table's autoguidance row, for every snapshot
         emas = (lab.tune("auto", _b_auto, _auto_grid(lab, main))["best"]["guide"].rsplit("ema", 1)[1],)
     rows = [Row("none", "S at T, no guidance", lab.heldout("none:s-T", _b_none, {"main": main}), "2.56",
@@ -687,6 +694,7 @@ def _write(lab: Lab, out: Path, stem: str, rows: list[Row], title: str, note: st
     record = {"experiment": stem, "settings": asdict(lab.s), "rows": [row_json(r) for r in rows],
               "seconds": round(time.perf_counter() - lab.t0, 1)}
     md = table_md(rows, title, note, lab.s, extra_cols, fd_name=lab.data.fd_name)
+    md += extra_md(stem.split("_", 1)[1], rows, lab.data.fd_name)
     if stem.endswith("_table"):
         record["training_costs"] = training_costs(lab.weights)
         md += costs_md(record["training_costs"])
@@ -758,5 +766,9 @@ def run_experiment(name: str, out, settings: Settings = FULL, weights=None, meth
                     baseline, fd_name=lab.data.fd_name)
     if name == "table":
         plot_grids(lab.images, rows, out / f"{stem}_samples.png")
+        if lab.spaces:
+            plot_pr(rows, out / f"{stem}_pr.png", f"{title}: precision against recall over w (tuning set)",
+                    lambda r: lab.evaluate(r.lab_key, _b_none, r.result["params"], lab.s.tune_set,
+                                           r.group != "unconditional"))
     return record
 

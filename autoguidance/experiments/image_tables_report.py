@@ -15,7 +15,7 @@ import torch
 
 from ..runs.files import atomic_path
 
-__all__ = ["Row", "row_json", "paired_delta", "table_md", "plot_sweeps", "plot_grids", "forward_flops",
+__all__ = ["Row", "row_json", "paired_delta", "table_md", "comparisons_md", "extra_md", "TABLE_PAIRS", "plot_pr", "verdict", "space_prefixes", "plot_sweeps", "plot_grids", "forward_flops",
            "training_costs", "costs_md", "extra_cols", "fmt_params"]
 
 
@@ -60,10 +60,45 @@ def paired_delta(result: dict, ref: dict, metric: str = "fd") -> Optional[tuple[
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
+#: the further feature spaces' names in the tables (prefix of their metrics -> name)
+SPACE_NAMES = {"ssl": "ssl", "pix": "pixels"}
+
+
+def space_prefixes(rows: list[Row]) -> list[str]:
+    """The prefixes of the further feature spaces the rows were measured in ('ssl', 'pix'), in record order."""
+    if not rows:
+        return []
+    keys = rows[0].result.get("mean", {})
+    return [k[:-3] for k in keys if k.endswith("_fd")]
+
+
+def _trend(d: Optional[tuple[float, float]]) -> int:
+    """-1: lower (better) beyond one spread, +1: higher beyond one spread, 0: within it (or no pairing)."""
+    if d is None:
+        return 0
+    return -1 if d[0] + d[1] < 0 else (1 if d[0] - d[1] > 0 else 0)
+
+
+_WORDS = {-1: "better", 0: "tie", 1: "worse"}
+
+
+def verdict(result: dict, ref: dict, prefixes=("", "ssl")) -> str:
+    """A row against its reference in the two feature spaces (pixel space is reported, not voted): 'better (both)',
+    'tie (both)', 'worse (both)' where the spaces agree beyond one spread, else what each says."""
+    trends = [_trend(paired_delta(result, ref, f"{p}_fd" if p else "fd")) for p in prefixes]
+    if len(set(trends)) == 1:
+        return f"{_WORDS[trends[0]]} (both)"
+    return ", ".join(f"{SPACE_NAMES.get(p, 'cls')} {_WORDS[t]}" for p, t in zip(prefixes, trends))
+
+
 def table_md(rows: list[Row], title: str, note: str, s, extra_cols=(), fd_name: str = "FD_digits") -> str:
-    """The Markdown table of an experiment (`s`: its `Settings`)."""
+    """The Markdown table of an experiment (`s`: its `Settings`). Rows measured in further feature spaces get, per
+    space, dFD, precision and recall columns, and a verdict over the two feature spaces."""
+    spaces = space_prefixes(rows)
+    space_head = [f"{c} {SPACE_NAMES.get(p, p)}" for p in spaces for c in ("dFD", "precision", "recall")]
     head = ["method", "best params", fd_name, "dFD (matched seeds)", "precision", "recall", "density",
-            "coverage", "accuracy", *[c for c, _ in extra_cols], "ImageNet (papers)"]
+            "coverage", "accuracy", *space_head, *(["verdict (cls, ssl)"] if "ssl" in spaces else []),
+            *[c for c, _ in extra_cols], "ImageNet (papers)"]
     lines = [f"# {title}", "", note, "",
              f"N = {s.n} images per seed set, Heun {s.num_steps} steps; mean +- std over held-out seed sets "
              f"{list(s.eval_sets)} (w and EMA lengths tuned on set {s.tune_set}). dFD: FD minus the FD of the "
@@ -83,11 +118,91 @@ def table_md(rows: list[Row], title: str, note: str, s, extra_cols=(), fd_name: 
         delta = f"{d[0]:+.2f} +- {d[1]:.2f}" if d is not None else "(reference)"
         params = {k: v for k, v in r.result["params"].items() if k not in ("main", "good", "bad")}
         mains.add(r.result["params"].get("main", "?"))
+        space_cells = []
+        for p in spaces:
+            ds = paired_delta(r.result, ref, f"{p}_fd") if ref is not None else None
+            space_cells += [f"{ds[0]:+.3f} +- {ds[1]:.3f}" if ds is not None else f"({cell(f'{p}_fd', 3)})",
+                            cell(f"{p}_precision"), cell(f"{p}_recall")]
+        if "ssl" in spaces:
+            space_cells.append(verdict(r.result, ref) if ref is not None else "-")
         lines.append("| " + " | ".join([r.label, fmt_params(params) or "-", cell("fd", 2), delta, cell("precision"),
                                         cell("recall"), cell("density"), cell("coverage"), cell("accuracy"),
-                                        *[f(r) for _, f in extra_cols], r.paper]) + " |")
+                                        *space_cells, *[f(r) for _, f in extra_cols], r.paper]) + " |")
     lines += ["", f"Main checkpoints (EMA chosen by FD without guidance): {', '.join(sorted(mains - {'?'}))}."]
+    if "ssl" in spaces:
+        lines += ["", f"Verdict: against the row's reference at matched seeds, in {fd_name} and FD_ssl; 'better' / "
+                  "'worse' where the mean dFD is beyond one spread (std over the held-out sets), 'tie' within it; "
+                  "where the two feature spaces disagree, each is named. Pixel space is reported, not voted."]
     return "\n".join(lines) + "\n"
+
+
+def comparisons_md(rows: list[Row], pairs: list[tuple[str, str]], fd_name: str) -> str:
+    """Paired differences `a - b` at matched seeds (mean +- std over the held-out sets) of chosen row pairs, in every
+    feature space: FD, precision and recall. Pairs whose rows are absent are left out."""
+    by_key = {r.key: r for r in rows}
+    spaces = [""] + space_prefixes(rows)
+    names = {"": fd_name.split("_", 1)[-1], **SPACE_NAMES}
+    head = ["a - b"] + [f"{m} {names.get(p, p)}" for p in spaces for m in ("dFD", "d precision", "d recall")]
+    lines = ["", "Head to head at matched seeds (a - b; negative dFD: a is better):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in pairs:
+        if a not in by_key or b not in by_key:
+            continue
+        cells = []
+        for p in spaces:
+            for m, digits in (("fd", 3 if p else 2), ("precision", 3), ("recall", 3)):
+                d = paired_delta(by_key[a].result, by_key[b].result, f"{p}_{m}" if p else m)
+                cells.append(f"{d[0]:+.{digits}f} +- {d[1]:.{digits}f}" if d is not None else "-")
+        lines.append(f"| {by_key[a].label} - {by_key[b].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: the head-to-head pairs of a main table measured in several feature spaces
+TABLE_PAIRS = [("auto", "cfg"), ("cfg", "none"), ("auto", "none"), ("cfg-interval", "cfg"), ("auto-S-T16", "auto"),
+               ("auto-XS-T", "none"), ("insitu", "none"), ("insitu-dropout", "none-dropout"), ("tpg", "auto"),
+               ("cfg+auto", "auto")]
+
+
+def extra_md(name: str, rows: list[Row], fd_name: str) -> str:
+    """What follows an experiment's table: for a main table measured in several feature spaces, the head-to-head."""
+    return comparisons_md(rows, TABLE_PAIRS, fd_name) if name == "table" and space_prefixes(rows) else ""
+
+
+def plot_pr(rows: list[Row], path: Path, title: str, baseline: Callable[[Row], dict], reference: str = "cfg") -> None:
+    """Precision against recall over each method's w grid (tuning set; the guide EMA of its best row), one panel per
+    feature space, CFG's w sweep (row `reference`) drawn thick in every panel as the curve to beat; unguided rows
+    (lab key 'none:...') as stars at `baseline(row)`, their tuning-set record. A method is better than CFG only
+    where its curve lies outside CFG's (higher recall at matched precision)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = [""] + space_prefixes(rows)
+    fig, axes = plt.subplots(1, len(spaces), figsize=(5.2 * len(spaces), 4.6), squeeze=False)
+    for ax, p in zip(axes[0], spaces):
+        pk, rk = (f"{p}_precision", f"{p}_recall") if p else ("precision", "recall")
+        for i, r in enumerate(rows):
+            sweep = r.result.get("sweep")
+            if not sweep or "w" not in sweep[-1]["params"]:
+                if r.lab_key.startswith("none:"):
+                    b = baseline(r)
+                    ax.plot([b[rk]], [b[pk]], marker="*", ms=11, ls="none", color="k", label=r.label)
+                continue
+            best = {k: v for k, v in r.result["best"].items() if k != "w"}
+            pts = sorted((e["params"]["w"], e[rk], e[pk]) for e in sweep
+                         if {k: v for k, v in e["params"].items() if k != "w"} == best)
+            style = dict(color="k", lw=2.5, zorder=5) if r.key == reference else dict(lw=1, ms=3)
+            ax.plot([q[1] for q in pts], [q[2] for q in pts], marker="o", label=r.label, **style)
+            if r.key == reference:
+                for w, x, y in pts:
+                    ax.annotate(f"{w:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"recall ({SPACE_NAMES.get(p, 'classifier')} features)")
+        ax.set_ylabel(f"precision ({SPACE_NAMES.get(p, 'classifier')} features)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=5.5, loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    _save_fig(fig, path)
+    plt.close(fig)
 
 
 

@@ -1,0 +1,115 @@
+"""The image tables on Fashion-MNIST (28x28) in quick mode, on tiny stand-in checkpoints and a tiny stand-in image set:
+three feature spaces (classifier, self-supervised encoder, pixels), matched-N precision/recall, the verdict and
+head-to-head columns, the precision-recall figure. The shipped checkpoints run in CI where the images are installed."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from autoguidance.checkpoint import save
+from autoguidance.cli import main
+from autoguidance.data.digits import Digits
+from autoguidance.data.fashion import fashion_dir
+from autoguidance.experiments.image_sets import FASHION28
+from autoguidance.experiments.image_tables import Lab, Settings, run_experiment
+from autoguidance.nets import ContrastiveEncoder, DigitsClassifier
+from autoguidance.nets.edm2 import EDM2Precond
+from autoguidance.train.edm import net_config
+
+NAMES = {"s-T": (10, 0.0), "xs-T16": (10, 0.0), "xs-uncond-T": (0, 0.0)}
+TINY = Settings(n=6, num_steps=2, eval_sets=(1, 2), ws=(1.5, 2.0), emas=("050",), batch=6)
+
+
+def _split(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % 10
+    images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+    return Digits(f"tiny-{seed}", images, torch.nn.functional.one_hot(classes, 10).float(), classes, None)
+
+
+def _tiny_load(split, subset="all"):
+    return _split(40, 1) if split == "train" else _split(20, 2)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion-weights")
+    torch.manual_seed(0)
+    for i, (name, (label_dim, dropout)) in enumerate(NAMES.items()):
+        net = EDM2Precond(**net_config("fashion28", "XXS", label_dim, dropout))
+        with torch.no_grad():
+            net.unet.out_gain.fill_(0.5 + 0.1 * i)
+        save(net, root / f"{name}-ema050", meta={"command": "test"})
+    save(DigitsClassifier(resolution=28), root / "features", meta={"command": "test", "test_accuracy": 0.1})
+    save(ContrastiveEncoder(channels=8), root / "encoder", meta={"command": "test"})
+    return root
+
+
+TINY_SET = replace(FASHION28, load=_tiny_load)
+
+
+def test_fashion_table_is_judged_in_three_spaces(weights, tmp_path):
+    lab = Lab(TINY, weights, progress=False, data=TINY_SET)
+    assert [p for p, *_ in lab.spaces] == ["ssl", "pix"]
+    assert lab.prdc_idx is not None and len(lab.prdc_idx) == 6          # precision/recall against 6 test images
+    rec = run_experiment("table", tmp_path, TINY, weights, ["auto", "cfg"], progress=False, lab=lab)
+    assert [r["key"] for r in rec["rows"]] == ["none", "cfg", "auto"]
+    run = rec["rows"][2]["runs"][0]
+    for k in ("fd", "precision", "recall", "ssl_fd", "ssl_precision", "ssl_recall", "pix_fd", "pix_recall"):
+        assert run[k] is not None and run[k] >= 0, k
+    md = (tmp_path / "fashion_table.md").read_text()
+    assert "FD_cls" in md and "dFD ssl" in md and "recall pixels" in md and "verdict (cls, ssl)" in md
+    assert "Head to head at matched seeds" in md and "autoguidance (XS, T/16) - CFG (uncond. XS at T)" in md
+    for f in ("fashion_table.json", "fashion_table_sweep.png", "fashion_table_samples.png", "fashion_table_pr.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_the_verdict_needs_both_feature_spaces():
+    from autoguidance.experiments.image_tables_report import verdict
+
+    def res(fd, ssl):
+        return {"runs": [{"fd": a, "ssl_fd": b} for a, b in zip(fd, ssl)]}
+    ref = res([10, 10, 10], [1, 1, 1])
+    assert verdict(res([8, 8.5, 7.5], [0.5, 0.6, 0.4]), ref) == "better (both)"
+    assert verdict(res([8, 8.5, 7.5], [1.5, 1.1, 1.2]), ref) == "cls better, ssl worse"
+    assert verdict(res([8, 12, 10], [1.0, 1.0, 1.0]), ref) == "tie (both)"
+
+
+def test_fashion_settings_and_rows_of_the_full_mode():
+    from autoguidance.cli import build_parser
+
+    args = build_parser().parse_args(["fashion", "table", "--out", "x"])
+    from autoguidance.cli.image_tables import _settings
+    s = _settings(args)
+    assert (s.n, s.batch, s.guide_emas, s.emas) == (500, 100, ("150",), ("050", "150"))
+    assert "uncond" not in FASHION28.table_rows
+    a = build_parser().parse_args(["fashion", "all"])
+    assert a.only == "table,guides,floor"
+
+
+def test_missing_encoder_names_its_command(weights, tmp_path):
+    import shutil
+
+    other = tmp_path / "w"
+    shutil.copytree(weights, other)
+    shutil.rmtree(other / "encoder")
+    with pytest.raises(FileNotFoundError, match="autoguidance fashion encoder"):
+        Lab(TINY, other, progress=False, data=TINY_SET)
+
+
+_SHIPPED = FASHION28.weights / "s-T-ema050" / "config.json"
+
+
+@pytest.mark.skipif(not (fashion_dir() / "train-images-idx3-ubyte.gz").exists() or not _SHIPPED.exists(),
+                    reason="needs Debian's dataset-fashion-mnist (installed by .ci/run where apt is available)")
+def test_fashion_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
+    """`autoguidance fashion all --quick` (docs/fashion.md's regeneration command in CI mode)."""
+    out = tmp_path / "q"
+    assert main(["fashion", "all", "--quick", "--n", "10", "--steps", "1", "--out", str(out), "--quiet",
+                 "--no-store"]) == 0
+    for name in ("table", "guides", "floor"):
+        assert (out / f"fashion_{name}.md").read_text().startswith("# "), name
+    rows = {r["key"] for r in json.loads((out / "fashion_table.json").read_text())["rows"]}
+    assert {"cfg", "cfg-interval", "auto", "auto-S-T16", "auto-XS-T", "insitu", "tpg", "cfg+auto",
+            "insitu-dropout"} <= rows and "uncond-auto" not in rows
