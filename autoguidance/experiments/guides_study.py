@@ -133,10 +133,19 @@ def make_study_guides(out, st: StudySettings = FULL_STUDY, weights=None, progres
 
 # -- evaluation ------------------------------------------------------------------------------------------------------
 
-def _ema_names(folder: Path, rec: dict, n: int) -> list[str]:
-    """The guide's first `n` checkpoints by EMA length: the folder itself for its `ema`, a subfolder for the others."""
-    subs = [sub for _, sub in sorted((rec.get("emas") or {".": "."}).items())][:n]
-    return [str(folder if sub == "." else folder / sub) for sub in subs]
+def _ema_names(folder: Path, rec: dict, emas: tuple) -> list[str]:
+    """The guide's checkpoints at the EMA lengths `emas` ('050', '150': relative std x 1000): the folder itself for its
+    `ema`, a subfolder for the others."""
+    have = {round(float(std) * 1000): sub for std, sub in (rec.get("emas") or {}).items()}
+    missing = [e for e in emas if int(e) not in have]
+    if missing:
+        raise ValueError(f"guide {folder} has no EMA of relative std {', '.join(missing)} / 1000 "
+                         f"(it has {sorted(have)}): make it with --ema-stds including them")
+    return [str(folder if have[int(e)] == "." else folder / have[int(e)]) for e in emas]
+
+
+def _guide_emas(lab: Lab) -> tuple:
+    return tuple(lab.s.guide_emas or lab.s.emas)
 
 
 def _cost(f_main: float, f_guide: Optional[float], kind: str) -> float:
@@ -176,15 +185,14 @@ def run_study(lab: Lab, out, st: StudySettings = FULL_STUDY, records: Optional[d
         float(xs.flops()), train_percent=100 * xs.training_flops() / m.training_flops(), data="training images")
     snap = records[f"snapshot-{SNAPSHOT_EMAS[0]}"]
     add("snapshot", "snapshot recipe: the main's own T/16 (free)", _b_auto,
-        lab.grid(main=[main], guide=[str(out / "guides" / f"snapshot-{e}") for e in SNAPSHOT_EMAS][:len(lab.s.emas)],
-                 w=W),
+        lab.grid(main=[main], guide=[str(out / "guides" / f"snapshot-ema{e}") for e in _guide_emas(lab)], w=W),
         "auto", f_main, train_percent=100 * snap["snapshot"]["fraction_of_main_run"], data="the main's run")
     add("insitu", "in-situ dropout p = 0.1", _b_insitu, lab.grid(main=[main], p=[0.1], w=W), "insitu",
         train_percent=0.0, data="-")
     for g in study_guides(st):
         rec = records[g.name]
         folder = out / "guides" / g.name
-        add(g.name, g.label, _b_auto, lab.grid(main=[main], guide=_ema_names(folder, rec, len(lab.s.emas)), w=W),
+        add(g.name, g.label, _b_auto, lab.grid(main=[main], guide=_ema_names(folder, rec, _guide_emas(lab)), w=W),
             "auto", float(rec["guide"]["flops_per_call"]), group="made",
             train_percent=100 * (rec["budget"].get("spent_fraction_of_main") or 0.0),
             data="training images" if g.data else "data-free", recipe=g.recipe, init=g.init, budget=g.budget)
@@ -285,8 +293,10 @@ def fill_block(doc, name: str, text: str) -> None:
 
 
 def lab_for(quick: bool, store=None, progress: bool = True, n: Optional[int] = None) -> Lab:
-    """The tables' Lab on MNIST 14x14 (N = 1000 per seed set as docs/mnist.md, or QUICK)."""
-    s = QUICK_LAB if quick else replace(FULL, n=1000, batch=300)   # as `autoguidance mnist ... --n 1000`
+    """The tables' Lab on MNIST 14x14: N = 1000 per seed set as docs/mnist.md, the w grid that holds the MNIST tables'
+    best w (1.1 - 1.5) and one guide EMA (0.150: the papers' guides want a longer EMA than the main), so that 23 guides
+    fit one CPU's afternoon; or QUICK."""
+    s = QUICK_LAB if quick else replace(FULL, n=1000, batch=300, ws=(1.1, 1.25, 1.5, 2.0), guide_emas=("150",))
     if n is not None:
         s = replace(s, n=n, batch=min(s.batch, n))
     return Lab(s, progress=progress, data=MNIST14, store=store)
