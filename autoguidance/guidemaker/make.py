@@ -180,7 +180,11 @@ def make_guide(main: str, recipe: str, out, *,
         raise NotADirectoryError(f"--out {out} is a file, not a folder: give a folder path")
     dev = dist.device(device)
     m = open_main(main, subfolder=opts.subfolder, device=dev, noise=opts.noise, t_dist=opts.t_dist)
-    settings = {"main": m.digest, "options": opts.to_dict(), "data": _data_identity(opts.data),
+    options_id = opts.to_dict()
+    if opts.snapshot is not None:   # a snapshot is its weights, wherever the folder lies
+        from ..checkpoint import digest
+        options_id["snapshot"] = digest(opts.snapshot)
+    settings = {"main": m.digest, "options": options_id, "data": _data_identity(opts.data),
                 "prompts": _file_digest(Path(opts.prompts)) if opts.prompts else None}
     with lock_run(out, command):
         if dist.is_main():
