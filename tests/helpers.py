@@ -46,3 +46,25 @@ def assert_batch_close(actual, expected, *, scale=None, rtol: float = BATCH_RTOL
     if scale is None:
         scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=msg)
+
+
+def save_tiny_image_set_weights(root, data: str, names: dict, emas=("050", "150"), features_resolution=None):
+    """Tiny stand-in checkpoints of an image set's tables under `root`: for each `name: (label_dim, dropout)` an
+    EDM2-style XXS net of dataset `data` ('mnist14', 'fashion28', ...) at every EMA name (`<name>-ema<e>`), each with
+    its own output gain (so the nets differ), and a feature classifier at `features_resolution`."""
+    from autoguidance.checkpoint import save
+    from autoguidance.nets import DigitsClassifier
+    from autoguidance.nets.edm2 import EDM2Precond
+    from autoguidance.train.edm import net_config
+
+    torch.manual_seed(0)
+    for i, (name, (label_dim, dropout)) in enumerate(names.items()):
+        net = EDM2Precond(**net_config(data, "XXS", label_dim, dropout))
+        with torch.no_grad():
+            net.unet.out_gain.fill_(0.5 + 0.1 * i)
+        for ema in emas:
+            save(net, root / f"{name}-ema{ema}", meta={"command": "test"})
+    if features_resolution is not None:
+        save(DigitsClassifier(resolution=features_resolution), root / "features",
+             meta={"command": "test", "test_accuracy": 0.1})
+    return root

@@ -7,15 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from helpers import save_tiny_image_set_weights
+
 from autoguidance.checkpoint import save
 from autoguidance.cli import main
 from autoguidance.data.digits import Digits
 from autoguidance.data.fashion import fashion_dir
 from autoguidance.experiments.image_sets import FASHION28
 from autoguidance.experiments.image_tables import Lab, Settings, run_experiment
-from autoguidance.nets import ContrastiveEncoder, DigitsClassifier
-from autoguidance.nets.edm2 import EDM2Precond
-from autoguidance.train.edm import net_config
+from autoguidance.nets import ContrastiveEncoder
 
 NAMES = {"s-T": (10, 0.0), "xs-T16": (10, 0.0), "xs-uncond-T": (0, 0.0)}
 TINY = Settings(n=6, num_steps=2, eval_sets=(1, 2), ws=(1.5, 2.0), emas=("050",), batch=6)
@@ -34,14 +34,8 @@ def _tiny_load(split, subset="all"):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fashion-weights")
-    torch.manual_seed(0)
-    for i, (name, (label_dim, dropout)) in enumerate(NAMES.items()):
-        net = EDM2Precond(**net_config("fashion28", "XXS", label_dim, dropout))
-        with torch.no_grad():
-            net.unet.out_gain.fill_(0.5 + 0.1 * i)
-        save(net, root / f"{name}-ema050", meta={"command": "test"})
-    save(DigitsClassifier(resolution=28), root / "features", meta={"command": "test", "test_accuracy": 0.1})
+    root = save_tiny_image_set_weights(tmp_path_factory.mktemp("fashion-weights"), "fashion28", NAMES, emas=("050",),
+                                       features_resolution=28)
     save(ContrastiveEncoder(channels=8), root / "encoder", meta={"command": "test"})
     return root
 

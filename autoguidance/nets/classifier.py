@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DigitsClassifier"]
+__all__ = ["DigitsClassifier", "check_grey_images"]
+
+
+def check_grey_images(x, resolution: int, who: str) -> torch.Tensor:
+    """`x` as float32 if it is a batch of grey images `[N, 1, R, R]` (R = `resolution`), else a one-line error."""
+    r = resolution
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (1, r, r):
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} takes images [N, 1, {r}, {r}] in [-1, 1], got {got}")
+    return x.to(torch.float32)
 
 
 class DigitsClassifier(torch.nn.Module):
@@ -38,11 +47,7 @@ class DigitsClassifier(torch.nn.Module):
         self.head = torch.nn.Linear(feature_dim, num_classes)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.resolution
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (1, r, r):
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"this feature net takes images [N, 1, {r}, {r}] in [-1, 1], got {got}")
-        return x.to(torch.float32)
+        return check_grey_images(x, self.resolution, "this feature net")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self._check(x))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .classifier import check_grey_images
+
 __all__ = ["ContrastiveEncoder"]
 
 
@@ -42,15 +44,8 @@ class ContrastiveEncoder(torch.nn.Module):
         self.projection = torch.nn.Sequential(torch.nn.Linear(4 * c, 4 * c), torch.nn.SiLU(),
                                               torch.nn.Linear(4 * c, projection_dim))
 
-    def _check(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.resolution
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (1, r, r):
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"this encoder takes images [N, 1, {r}, {r}] in [-1, 1], got {got}")
-        return x.to(torch.float32)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self._check(x)).mean(dim=(2, 3))
+        return self.body(check_grey_images(x, self.resolution, "this encoder")).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.projection(self.features(x)), dim=1)
