@@ -76,7 +76,7 @@ def test_fashion_settings_and_rows_of_the_full_mode():
     args = build_parser().parse_args(["fashion", "table", "--out", "x"])
     from autoguidance.cli.image_tables import _settings
     s = _settings(args)
-    assert (s.n, s.batch, s.guide_emas, s.emas) == (500, 100, ("150",), ("050", "150"))
+    assert (s.n, s.batch, s.guide_emas, s.emas, s.ws) == (500, 100, ("150",), ("050", "150"), (1.1, 1.25, 1.5, 2.0))
     assert "uncond" not in FASHION28.table_rows
     a = build_parser().parse_args(["fashion", "all"])
     assert a.only == "table,guides,floor"

@@ -141,3 +141,43 @@ def test_mnist_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
     guides = json.loads((out / "mnist_guides.json").read_text())["rows"]
     for r in guides[1:]:   # MNIST's guide-length study keeps one guide EMA (the main table's autoguidance choice)
         assert len({q["params"]["guide"].rsplit("ema", 1)[1] for q in r["sweep"]}) == 1, r["key"]
+
+
+def test_processes_sharing_a_store_never_compute_an_evaluation_twice(weights, tmp_path, monkeypatch):
+    """An evaluation claimed by another live process is waited for and read back; a claim whose process is gone is
+    taken over; the claim is released after the evaluation."""
+    import os
+    import shutil
+    import threading
+
+    from autoguidance.experiments import image_tables as lab_module
+
+    s = replace(TINY, eval_sets=(1,), n=4, num_steps=1)
+    done = tmp_path / "done"
+    run_experiment("table", tmp_path / "a", s, methods=["auto"], lab=Lab(s, weights, progress=False, data=MNIST14,
+                                                                          store=done))
+    names = sorted(p.stem for p in done.glob("*.json"))
+    store = tmp_path / "store"
+    store.mkdir()
+    # every evaluation is "being computed" by a live process (our parent); it appears after a moment
+    for name in names:
+        (store / f"{name}.claim").write_text(str(os.getppid()))
+    (store / f"{names[0]}.claim").write_text("999999999")       # this one's process is gone: taken over
+
+    def finish():
+        for name in names[1:]:
+            for ext in (".npy", ".json"):
+                if (done / f"{name}{ext}").exists():
+                    shutil.copy(done / f"{name}{ext}", store / f"{name}{ext}")
+            (store / f"{name}.claim").unlink()
+    calls = []
+    real = lab_module.generate
+    monkeypatch.setattr(lab_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(Lab, "CLAIM_POLL", 0.05)
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    lab = Lab(s, weights, progress=False, data=MNIST14, store=store)
+    run_experiment("table", tmp_path / "b", s, methods=["auto"], lab=lab)
+    timer.join()
+    assert len(calls) == 1                                       # only the stale claim's evaluation was sampled
+    assert not list(store.glob("*.claim"))

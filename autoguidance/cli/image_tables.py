@@ -47,6 +47,8 @@ _DESCRIPTIONS = {
     "xs": "EDM2-style XS U-Net (63k params), conditional, digits 8x8",
     "mnist:s": "EDM2-style S U-Net (252k params), conditional, MNIST 14x14",
     "mnist:xs": "EDM2-style XS U-Net (142k params), conditional, MNIST 14x14",
+    "fashion:s": "EDM2-style S U-Net (422k params), conditional, Fashion-MNIST 28x28",
+    "fashion:xs": "EDM2-style XS U-Net (238k params), conditional, Fashion-MNIST 28x28",
     "xs-uncond": "EDM2-style XS U-Net, unconditional (CFG guide at T, unconditional autoguide at T/16)",
     "s-dropout": "EDM2-style S U-Net trained with dropout 0.1 (in-situ guidance on a net that saw dropout)",
     "s-uncond": "EDM2-style S U-Net, unconditional (main of the unconditional rows)",
@@ -58,7 +60,7 @@ def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
     """Add every checkpoint folder of `folder` (default: the image set's weights) to weights/manifest.json as
     `<prefix>-<subfolder>`, with a description and the command that made it."""
     folder = Path(folder) if folder is not None else data.weights
-    what = {"digits": "digits 8x8", "mnist": "MNIST 14x14"}.get(data.prefix, data.noun)
+    what = {"digits": "digits 8x8", "mnist": "MNIST 14x14", "fashion": "Fashion-MNIST 28x28"}.get(data.prefix, data.noun)
     manifest_path = WEIGHTS_DIR / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
     count = 0
@@ -69,6 +71,9 @@ def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
         if cfg_json["family"] == "digits-features":
             desc = (f"{data.noun} feature network (CNN classifier; test accuracy "
                     f"{meta.get('test_accuracy', 0):.3f})")
+        elif cfg_json["family"] == "contrastive-encoder":
+            desc = (f"{data.noun} second feature space (self-supervised SimCLR encoder, never saw a label; kNN-20 "
+                    f"test accuracy {meta.get('knn20_test_accuracy', 0):.3f})")
         else:
             stem, snap = sub.rsplit("-T", 1)[0], sub.rsplit("-T", 1)[1]
             when = "T" if snap.startswith("-") else f"T/{snap.split('-')[0]}"

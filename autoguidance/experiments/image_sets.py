@@ -69,8 +69,9 @@ FASHION28 = ImageSet("fashion28", "fashion", "Fashion-MNIST", WEIGHTS_DIR / "fas
                      spaces=(("", "features"), ("ssl", "encoder"), ("pix", None)), prdc_matched=True,
                      # N = 500 per seed set: real images score 43.0 (FD_cls) / 0.100 (FD_ssl) / 2.18 (pixels) there, the
                      # unguided main 123.5 / 0.261 / 2.94 (docs/fashion.md); one guide EMA (0.150: the papers' guides
-                     # want a longer EMA than the main), as every evaluation of 28x28 images costs 5x MNIST's
-                     full=(("n", 500), ("batch", 100), ("guide_emas", ("150",))),
+                     # want a longer EMA than the main) and w up to 2 (the best w is 1.1 - 1.5 on every set), as every
+                     # evaluation of 28x28 images costs 5x MNIST's
+                     full=(("n", 500), ("batch", 100), ("guide_emas", ("150",)), ("ws", (1.1, 1.25, 1.5, 2.0))),
                      table_rows=("cfg", "cfg-interval", "auto", "auto-same-ema", "auto-S-T16", "auto-XS-T", "insitu",
                                  "blockdrop", "tpg", "skiplayer", "cfg+auto", "dropout-main"),
                      experiments=("table", "guides", "floor"))

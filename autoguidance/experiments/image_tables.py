@@ -182,6 +182,50 @@ class Lab:
         write_json(self.store / f"{name}.json", {"evaluation": json.loads(ck), "metrics": rec,
                                                   "seconds": round(seconds, 2)})
 
+    #: seconds between looks at an evaluation another process is computing
+    CLAIM_POLL = 5.0
+
+    def _claim(self, name: str, want_samples: bool) -> tuple[bool, Optional[tuple]]:
+        """Take the evaluation `name` for this process (`(True, None)`: compute it), or, while another live process
+        on this machine holds its claim (`<name>.claim`, its pid), wait for that process's record and return it
+        (`(False, stored)`). A claim whose process is gone is taken over. So processes sharing a store never
+        compute one evaluation twice."""
+        import os
+
+        self.store.mkdir(parents=True, exist_ok=True)
+        path = self.store / f"{name}.claim"
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                alive = pid > 0
+                if alive:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        alive = False
+                    except PermissionError:
+                        pass
+                if not alive:
+                    path.unlink(missing_ok=True)    # its process is gone: take the evaluation over
+                    continue
+                time.sleep(self.CLAIM_POLL)
+                stored = self._load_stored(name, want_samples)
+                if stored is not None:
+                    return False, stored
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            stored = self._load_stored(name, want_samples)    # finished between our look and our claim
+            if stored is not None:
+                path.unlink(missing_ok=True)
+                return False, stored
+            return True, None
+
     def evaluate(self, key: str, build: Callable, params: dict, seed_set: int, conditional: bool = True) -> dict:
         """Sample seed set `seed_set` with the denoiser `build(self, params)`; metrics against the test split.
         With a store, an evaluation done before (by any run with the same checkpoints and settings) is read back."""
@@ -191,6 +235,9 @@ class Lab:
         keep = seed_set == self.s.eval_sets[0]
         name = self._store_name(ck, params, conditional) if self.store is not None else None
         stored = self._load_stored(name, keep) if name is not None else None
+        claimed = False
+        if stored is None and name is not None:
+            claimed, stored = self._claim(name, keep)
         if stored is not None:
             rec, self.timing[ck], x = stored
             self.cache[ck] = rec
@@ -200,21 +247,25 @@ class Lab:
                 print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {fmt_params(params):44s} set {seed_set}: "
                       f"FD {rec['fd']:7.3f}  (stored)", flush=True)
             return rec
-        seeds = self.s.seeds(seed_set)
-        classes = seeds % 10
-        labels = torch.nn.functional.one_hot(classes, 10).float() if conditional else None
-        D = build(self, params)
-        t = time.perf_counter()
-        with torch.no_grad():
-            x = generate(D, seeds, list(self.data.shape), labels=labels, num_steps=self.s.num_steps, batch=self.s.batch,
-                         progress=False)
-        rec = self.measure(x, classes if conditional else None)
-        self.cache[ck] = rec
-        self.timing[ck] = time.perf_counter() - t
-        if keep:
-            self.samples[ck] = x[:100].clone()
-        if name is not None:
-            self._save_stored(name, ck, rec, self.timing[ck], self.samples.get(ck))
+        try:
+            seeds = self.s.seeds(seed_set)
+            classes = seeds % 10
+            labels = torch.nn.functional.one_hot(classes, 10).float() if conditional else None
+            D = build(self, params)
+            t = time.perf_counter()
+            with torch.no_grad():
+                x = generate(D, seeds, list(self.data.shape), labels=labels, num_steps=self.s.num_steps,
+                             batch=self.s.batch, progress=False)
+            rec = self.measure(x, classes if conditional else None)
+            self.cache[ck] = rec
+            self.timing[ck] = time.perf_counter() - t
+            if keep:
+                self.samples[ck] = x[:100].clone()
+            if name is not None:
+                self._save_stored(name, ck, rec, self.timing[ck], self.samples.get(ck))
+        finally:
+            if claimed:
+                (self.store / f"{name}.claim").unlink(missing_ok=True)
         if self.progress:
             print(f"  [{time.perf_counter() - self.t0:6.0f}s] {key:22s} {fmt_params(params):44s} set {seed_set}: "
                   f"FD {rec['fd']:7.3f}  ({self.timing[ck]:.1f}s)", flush=True)
