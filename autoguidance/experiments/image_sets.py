@@ -67,8 +67,8 @@ MNIST14 = ImageSet("mnist14", "mnist", "MNIST", WEIGHTS_DIR / "mnist", (1, 14, 1
 FASHION28 = ImageSet("fashion28", "fashion", "Fashion-MNIST", WEIGHTS_DIR / "fashion", (1, 28, 28), _fashion28,
                      "FD_cls", 4096, "scripts/train_fashion_checkpoints.sh", floor_large=False, guides_tune_ema=False,
                      spaces=(("", "features"), ("ssl", "encoder"), ("pix", None)), prdc_matched=True,
-                     # N = 500 per seed set: real images score 43.0 (FD_cls) / 0.100 (FD_ssl) / 2.18 (pixels) there, the
-                     # unguided main 123.5 / 0.261 / 2.94 (docs/fashion.md); one guide EMA (0.150: the papers' guides
+                     # N = 500 per seed set, where real images score far below the unguided main in every space
+                     # (`python scripts/floor_scan.py --set fashion`, docs/fashion.md); one guide EMA (0.150: the papers' guides
                      # want a longer EMA than the main) and w up to 2 (the best w is 1.1 - 1.5 on every set), as every
                      # evaluation of 28x28 images costs 5x MNIST's
                      full=(("n", 500), ("batch", 100), ("guide_emas", ("150",)), ("ws", (1.1, 1.25, 1.5, 2.0))),
