@@ -194,7 +194,170 @@ def latents(pipe, kind, n=2, steps=3, **kw):
                               guidance_scale=S, **kw)).images
 
 
-# -- the core: a rule over a constant guide and a per-row one --------------------------------------------------
+# -- 1. every rule, in a U-Net and a flow-transformer pipeline, equals its formula on the model outputs ------------
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("rule,formula", CASES, ids=lambda v: v.describe() if hasattr(v, "describe") else "")
+def test_each_rule_on_the_pipelines_cfg_equals_its_formula_on_the_model_outputs(pipes, kind, rule, formula):
+    pipe = pipes[kind]
+    before = state_snapshot(tiny.model_of(pipe))
+    with torch.no_grad():
+        ref = LOOPS[kind](pipe, formula)
+        with guided_pipeline(pipe, "none", rule=rule) as gp:
+            ours = latents(pipe, kind)
+    assert_batch_close(ours, ref)
+    calls = 3 - rule.zero_init_steps                             # a zero-init step makes no model call
+    assert gp.calls == [("main", 4)] * calls
+    assert_same_state(before, state_snapshot(tiny.model_of(pipe)))
+
+
+@pytest.mark.parametrize("kind,pert", [("sd", IdentityAttention()), ("sd3", SkipLayers(layers=[1]))])
+@pytest.mark.parametrize("rule,formula", [CASES[2], CASES[7]], ids=["apg", "mambo"])
+def test_the_pipelines_cfg_and_a_guide_combine_through_the_rule(pipes, kind, pert, rule, formula):
+    pipe = pipes[kind]
+    with torch.no_grad():
+        ref = LOOPS[kind](pipe, formula, w=2.5, pert=pert)
+        with guided_pipeline(pipe, "perturbation", w=2.5, perturbation=pert, rule=rule) as gp:
+            ours = latents(pipe, kind)
+        plain = LOOPS[kind](pipe, f_linear, w=2.5, pert=pert)
+    assert gp.calls == [("main", 6)] * 3                         # CFG + guide: still ONE call per step
+    assert_batch_close(ours, ref)
+    assert float((ref - plain).abs().max()) > 1e-3               # the rule changes the result
+
+
+# -- 2. one way to rescale ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_rescale_rule_under_method_none_equals_the_pipelines_own_guidance_rescale(pipes, kind):
+    pipe = pipes[kind]
+    with torch.no_grad():
+        own = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=S, guidance_rescale=0.7)))
+        plain = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=S)))
+        with guided_pipeline(pipe, "none", rule=Rescale(0.7)):
+            ours = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=S)))
+        with guided_pipeline(pipe, "none"):                      # the pipeline's own phi, taken over as the rule
+            taken = tiny.images(pipe(**tiny.inputs(kind, guidance_scale=S, guidance_rescale=0.7)))
+    assert abs(own - plain).max() > 1e-2                         # the rescale matters here
+    assert_batch_close(ours, own)
+    assert_batch_close(taken, own)
+
+
+def test_the_pipelines_guidance_rescale_after_another_rule_is_that_rule_then_the_rescale(pipes):
+    pipe = pipes["sd"]
+    rule, formula = CASES[2]
+    with torch.no_grad():
+        ref = sd_loop(pipe, formula, phi=0.7)
+        with guided_pipeline(pipe, "none", rule=rule):
+            ours = latents(pipe, "sd", guidance_rescale=0.7)
+        apg_alone = sd_loop(pipe, formula)
+    assert_batch_close(ours, ref)
+    assert float((ref - apg_alone).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("rule,match", [(Rescale(0.5), "rescale the same prediction twice"),
+                                        (APG(space="x0"), "rescales the model output, and rule apg")])
+def test_a_second_rescale_or_a_rule_in_another_space_beside_guidance_rescale_is_refused(pipes, rule, match):
+    pipe = pipes["sd"]
+    with pytest.raises(ValueError, match=match) as e:
+        with torch.no_grad(), guided_pipeline(pipe, "none", rule=rule):
+            pipe(**tiny.inputs("sd", guidance_scale=S, guidance_rescale=0.7))
+    assert "\n" not in str(e.value) and "forward" not in pipe.unet.__dict__
+
+
+# -- 3. the rule's space in a pipeline -----------------------------------------------------------------------------
+
+def test_the_default_space_is_the_models_output_and_an_explicit_space_is_used(pipes):
+    pipe = pipes["sd"]
+    out = []
+    with torch.no_grad():
+        for space in (None, "x0", "eps"):
+            with guided_pipeline(pipe, "none", rule=MAMBO(alpha=4.0, space=space)):
+                out.append(latents(pipe, "sd"))
+    assert_batch_close(out[2], out[0])                           # SD predicts eps: its output space IS eps
+    assert float((out[1] - out[0]).abs().max()) > 1e-3           # x0 is another space for a non-affine rule
+
+
+# -- 4. state per image and per pipeline call; the step from the pipeline's loop ------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_step(pipe, i, t, kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("rule", [APG(eta=0.0, norm_threshold=0.8, momentum=-0.5), CFGZeroStar(zero_init_steps=1)],
+                         ids=["apg-momentum", "cfg-zero"])
+def test_stateful_rules_depend_neither_on_the_batch_nor_on_the_previous_call(pipes, kind, rule):
+    pipe = pipes[kind]
+    with torch.no_grad(), guided_pipeline(pipe, "none", rule=rule):
+        both = latents(pipe, kind)
+        again = latents(pipe, kind)                              # the previous call's state is not carried over
+        with pytest.raises(_Stop):                               # nor that of a call that stopped half way
+            latents(pipe, kind, callback_on_step_end=_stop_after_first_step)
+        after_stop = latents(pipe, kind)
+        alone = pipe(**tiny.inputs(kind, n=1, steps=3, prompts=PROMPTS[1:], output_type="latent",
+                                   guidance_scale=S, generator=[torch.Generator().manual_seed(11)])).images
+    assert torch.equal(both, again) and torch.equal(both, after_stop)    # same batch, same call: bit for bit
+    assert_batch_close(alone[0], both[1])                        # the image alone = the image in a batch
+
+
+def test_apg_momentum_acts_across_the_steps_of_a_call(pipes):
+    pipe = pipes["sd"]
+    with torch.no_grad():
+        with guided_pipeline(pipe, "none", rule=APG(momentum=-0.5)):
+            momentum = latents(pipe, "sd")
+        with guided_pipeline(pipe, "none", rule=APG()):
+            none = latents(pipe, "sd")
+    assert float((momentum - none).abs().max()) > 1e-3
+
+
+def test_a_step_list_reads_the_step_of_the_pipelines_loop_and_skips_the_guide_where_w_is_one(pipes):
+    pipe = pipes["sd"]
+    with torch.no_grad():
+        with guided_pipeline(pipe, "perturbation", w=ag.StepList([2.5, 1.0, 2.5]), perturbation=IdentityAttention(),
+                             rule=APG(momentum=-0.5)) as gp:
+            listed = latents(pipe, "sd")
+        with guided_pipeline(pipe, "perturbation", w=2.5, perturbation=IdentityAttention(),
+                             rule=APG(momentum=-0.5)) as gp_const:
+            const = latents(pipe, "sd")
+    assert [r for _, r in gp.calls] == [6, 4, 6] and [r for _, r in gp_const.calls] == [6, 6, 6]
+    assert float((listed - const).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="StepList has 3 values but the sampler runs 2 steps") as e:
+        img2img = pipes["sd-img2img"]                            # strength 0.75 of 3 steps: the loop runs 2
+        with torch.no_grad(), guided_pipeline(img2img, "perturbation", w=ag.StepList([2.5, 1.0, 2.5]),
+                                              perturbation=IdentityAttention()):
+            img2img(**tiny.inputs("sd-img2img", steps=2, guidance_scale=S))
+    assert "\n" not in str(e.value)
+
+
+def test_a_heun_scheduler_makes_two_calls_per_step_and_both_belong_to_it(tmp_path):
+    pipe = tiny.build("sd", tmp_path)
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        with guided_pipeline(pipe, "perturbation", w=ag.StepList([2.5, 1.0, 2.5]),
+                             perturbation=IdentityAttention()) as gp:
+            latents(pipe, "sd")
+        assert [r for _, r in gp.calls] == [6, 6, 4, 4, 6]       # steps 0, 0, 1, 1, 2 (the last is first-order)
+        with guided_pipeline(pipe, "none", rule=CFGZeroStar(zero_init_steps=1)) as gp:
+            latents(pipe, "sd")
+        assert gp.calls == [("main", 4)] * 3                     # zero-init skips both calls of step 0
+
+
+def test_a_loop_without_an_index_reads_its_step_from_the_schedulers_timesteps(pipes):
+    pipe = pipes["dit"]                                          # DiT: `for t in scheduler.timesteps`
+    with torch.no_grad():
+        with guided_pipeline(pipe, "perturbation", w=ag.StepList([1.0, 2.0, 1.0]), perturbation=IdentityAttention(),
+                             seeds=[0, 1]) as gp:
+            pipe(**tiny.inputs("dit", steps=3, guidance_scale=S))
+        assert [r for _, r in gp.calls] == [4, 6, 4]
+        with pytest.raises(ValueError, match="predicts its variance") as e:
+            with guided_pipeline(pipe, "none", rule=CFGZeroStar()):
+                pipe(**tiny.inputs("dit", steps=3, guidance_scale=S))
+    assert "\n" not in str(e.value)
+
 
 def test_a_rule_over_a_constant_guide_and_a_guide_on_some_rows_combines_both():
     """What a pipeline's CFG (constant scale) beside a step or sigma schedule asks of `Guided`: before, a non-linear
@@ -214,5 +377,43 @@ def test_a_rule_over_a_constant_guide_and_a_guide_on_some_rows_combines_both():
         xr, sr = x[rows], sigma[rows]
         want, _ = combine(rule, net(xr, sr), [u(xr, sr) for u in us], ws)
         torch.testing.assert_close(out[rows], want)
+
+
+# -- 5. bad rule options: one line ----------------------------------------------------------------------------------
+
+def test_bad_rule_options_are_refused_in_one_line(pipes):
+    pipe = pipes["sd"]
+    cases = [
+        (lambda: guided_pipeline(pipe, "none", rule="nope"), ValueError, "unknown rule 'nope'"),
+        (lambda: guided_pipeline(pipe, "none", rule=3), TypeError, "rule must be an autoguidance.rules.Rule"),
+        (lambda: guided_pipeline(pipe, lambda D: ag.insitu(D, 2.0, module=D.model, rule=APG()),
+                                 rule=MAMBO()), ValueError, "give the rule in one place"),
+    ]
+    for make, exc, match in cases:
+        with pytest.raises(exc, match=match) as e:
+            make()
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="method none combines only the pipeline's own CFG") as e:
+        with torch.no_grad(), guided_pipeline(pipe, "none", rule=APG()):
+            pipe(**tiny.inputs("sd", steps=1, guidance_scale=1.0))
+    assert "\n" not in str(e.value)
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    with pytest.raises(ValueError, match="keeps a state per image across the steps of a pipeline call") as e:
+        with torch.no_grad(), guided_pipeline(pipe, "insitu", w=2.0, rule=APG(momentum=-0.5), seeds=[0, 1]):
+            pipe.unet(x, torch.tensor(500), encoder_hidden_states=emb)     # not from the pipeline's own call
+    assert "\n" not in str(e.value) and "forward" not in pipe.unet.__dict__
+
+
+def test_a_factorys_own_rule_is_used(pipes):
+    pipe = pipes["sd3"]
+    rule, formula = CASES[7]
+    pert = SkipLayers(layers=[1])
+    with torch.no_grad():
+        with guided_pipeline(pipe, lambda D: ag.perturbation_guidance(D, 2.5, pert, module=D.model, rule=rule)) as gp:
+            ours = latents(pipe, "sd3")
+        ref = sd3_loop(pipe, formula, w=2.5, pert=pert)
+    assert gp.rule == rule
+    assert_batch_close(ours, ref)
 
 
