@@ -417,3 +417,53 @@ def test_a_factorys_own_rule_is_used(pipes):
     assert_batch_close(ours, ref)
 
 
+# -- 6. the modular guider -----------------------------------------------------------------------------------------
+
+def _modular(ref, guider):
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    mp = StableDiffusionXLAutoBlocks().init_pipeline()
+    mp.update_components(unet=ref.unet, vae=ref.vae, text_encoder=ref.text_encoder, text_encoder_2=ref.text_encoder_2,
+                         tokenizer=ref.tokenizer, tokenizer_2=ref.tokenizer_2, scheduler=ref.scheduler, guider=guider)
+    mp.set_progress_bar_config(disable=True)
+    return mp
+
+
+@pytest.mark.parametrize("rule", [APG(eta=0.0, norm_threshold=0.8, momentum=-0.5), CFGZeroStar(), Rescale(0.7)],
+                         ids=lambda r: r.name)
+def test_the_modular_guider_takes_the_same_rules_and_gives_the_context_managers_images(pipes, rule, tmp_path):
+    from autoguidance.adapters.guider import AutoguidanceGuider
+
+    ref = pipes["sdxl"]
+    guider = AutoguidanceGuider.for_scheduler(ref.scheduler, w=3.0, perturbation="identityattention", p=1.0,
+                                              guidance_scale=S, rule=rule)
+    mp = _modular(ref, guider)
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(2)]  # noqa: E731
+    with torch.no_grad():
+        modular = mp(prompt=PROMPTS, num_inference_steps=3, generator=gens(), output="images", output_type="np",
+                     height=8, width=8)
+        again = mp(prompt=PROMPTS, num_inference_steps=3, generator=gens(), output="images", output_type="np",
+                   height=8, width=8)
+        with guided_pipeline(ref, "perturbation", w=3.0, perturbation=make_perturbation("identityattention", 1.0),
+                             rule=rule):
+            classic = tiny.images(ref(**tiny.inputs("sdxl", steps=3, guidance_scale=S)))
+    assert abs(modular - classic).max() < 1e-5 and np.array_equal(modular, again)
+    guider.save_pretrained(tmp_path / "guider")                  # the rule round-trips as data
+    back = AutoguidanceGuider.from_pretrained(tmp_path / "guider")
+    assert back.rule == rule and guider.new(w=2.0).rule == rule
+
+
+def test_the_modular_guider_zero_init_asks_for_one_batch_and_an_explicit_space_is_refused(pipes):
+    from autoguidance.adapters.guider import AutoguidanceGuider
+
+    guider = AutoguidanceGuider.for_scheduler(pipes["sdxl"].scheduler, w=3.0, guidance_scale=S,
+                                              rule=CFGZeroStar(zero_init_steps=1))
+    guider.set_state(step=0, num_inference_steps=3, timestep=torch.tensor(900))
+    assert guider.num_conditions == 1
+    guider.set_state(step=1, num_inference_steps=3, timestep=torch.tensor(500))
+    assert guider.num_conditions == 3
+    with pytest.raises(ValueError, match="never sees the latents") as e:
+        AutoguidanceGuider(rule=APG(space="x0"))
+    assert "\n" not in str(e.value)
+
+
