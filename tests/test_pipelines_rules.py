@@ -467,3 +467,62 @@ def test_the_modular_guider_zero_init_asks_for_one_batch_and_an_explicit_space_i
     assert "\n" not in str(e.value)
 
 
+# -- 7. `autoguidance pipe` with the rule flags ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdpipe")
+    tiny.build("sd", tmp).save_pretrained(tmp / "pipe")
+    return tmp / "pipe"
+
+
+def _pngs(out):
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)).astype(int) for p in sorted((out / "png").glob("*.png"))}
+
+
+def test_pipe_takes_the_rule_flags_and_records_them(sd_folder, tmp_path, capsys):
+    from autoguidance.cli import main
+
+    base = ["pipe", str(sd_folder), "--prompt", "a cat", "--seeds", "0-1", "--steps", "3", "--guidance-scale", "4",
+            "--method", "insitu", "--w", "2", "--no-progress"]
+    apg = ["--rule", "apg", "--eta", "0", "--norm-threshold", "15", "--momentum", "-0.5"]
+    assert main(base + ["--out", str(tmp_path / "linear")]) == 0
+    assert main(base + apg + ["--out", str(tmp_path / "apg")]) == 0
+    lin, rec = (json.loads((tmp_path / d / "run.json").read_text())["config"] for d in ("linear", "apg"))
+    assert "rule" not in lin                                     # a run without a rule keeps its identity
+    assert rec["rule"] == {"name": "apg", "eta": 0.0, "norm_threshold": 15.0, "momentum": -0.5, "space": None,
+                           "form": "conditional"}
+    a, b = _pngs(tmp_path / "linear"), _pngs(tmp_path / "apg")
+    assert any(abs(a[k] - b[k]).max() > 0 for k in a)
+    capsys.readouterr()
+    assert main(base + apg[:-1] + ["0", "--out", str(tmp_path / "apg")]) == 2    # another momentum: another run
+    assert "holds a run with another config (differs in: rule)" in capsys.readouterr().err
+    assert main(base + ["--w-steps", "2,1,2", "--out", str(tmp_path / "x")]) == 2  # --w-steps and --w
+    assert "--w-steps gives w at every step" in capsys.readouterr().err
+    steps = [f for f in base if f not in ("--w", "2")] + ["--w-steps", "2*1,1,2", "--rule", "cfg-zero",
+                                                           "--zero-init-steps", "1"]
+    assert main(steps + ["--out", str(tmp_path / "steps")]) == 0
+    rec = json.loads((tmp_path / "steps" / "run.json").read_text())["config"]
+    assert rec["w_steps"] == [2.0, 1.0, 2.0] and rec["rule"]["zero_init_steps"] == 1
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--rule", "apg", "--phi", "0.5"], "rule apg takes no --phi: its parameters are --eta"),
+    (["--eta", "0"], "rule linear takes no --eta"),
+    (["--rule", "rescale", "--phi", "2"], r"phi must be a finite number in \[0, 1\]"),
+    (["--rule", "fdg", "--scales", "1,x"], "--scales must be numbers"),
+    (["--window", "0.5,0.1", "--w", "2"], "StepWindow needs 0 <= start < stop <= 1"),
+])
+def test_pipe_bad_rule_flags_end_in_one_line(sd_folder, tmp_path, capsys, extra, match):
+    import re
+
+    from autoguidance.cli import main
+
+    capsys.readouterr()
+    argv = ["pipe", str(sd_folder), "--prompt", "a cat", "--seeds", "0", "--steps", "1", "--no-progress",
+            "--method", "insitu", *([] if "--w" in extra else ["--w", "2"]), *extra, "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(match, err), err
