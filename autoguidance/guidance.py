@@ -250,7 +250,8 @@ class Guided:
             g = g.index_add(0, rows, term)
             if store is not None:
                 store[i] = store[i].index_copy(0, rows, new)
-            touched[rows] = True
+            if touched is not None:             # None: a guide is active in every row
+                touched[rows] = True
         if touched is None:
             return from_space(rule.finish(c, g), x, rule.space, sigma, t)
         rows = torch.nonzero(touched).flatten()

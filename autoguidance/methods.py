@@ -65,7 +65,7 @@ def toml_loads(text: str, where: str) -> dict:
         raise ValueError(f"{where} is not valid TOML: {e}") from e
 
 __all__ = ["MethodSpec", "METHODS", "PERTURBATIONS", "build_method", "load_model", "model_digest", "sample_shape",
-           "label_dim", "make_perturbation", "parse_where", "toml_loads", "is_code_ref"]
+           "label_dim", "make_perturbation", "parse_where", "toml_loads", "is_code_ref", "rule_from_keys"]
 
 #: method name -> what it does (the `--method` choices).
 METHODS = {
@@ -236,20 +236,7 @@ class MethodSpec:
     def make_rule(self) -> Rule:
         """The combination rule of the spec: `rule` with the parameters that are set (a parameter the rule does not
         take is refused, naming the rule's own)."""
-        params = {RULE_PARAMS[k]: getattr(self, k) for k in RULE_PARAMS if getattr(self, k) is not None}
-        if self.rule not in RULES:
-            raise ValueError(f"unknown rule {self.rule!r}: expected one of {', '.join(RULES)} (autoguidance rules)")
-        import dataclasses as dc
-
-        own = {f.name for f in dc.fields(RULES[self.rule])}
-        extra = [k for k in RULE_PARAMS if getattr(self, k) is not None and RULE_PARAMS[k] not in own]
-        if extra:
-            def flag(k):
-                return "--" + k.replace("_", "-")
-            theirs = [flag(k) for k in RULE_PARAMS if RULE_PARAMS[k] in own]
-            raise ValueError(f"rule {self.rule} takes no {', '.join(flag(k) for k in extra)}: its parameters are "
-                             f"{', '.join(theirs) or '(none)'} (autoguidance rules)")
-        return make_rule(self.rule, params)
+        return rule_from_keys(self.rule, {k: getattr(self, k) for k in RULE_PARAMS})
 
     # -- conversions --------------------------------------------------------------------------------------------
     def sampling(self) -> dict:
@@ -312,6 +299,27 @@ class MethodSpec:
 RULE_PARAMS = {"eta": "eta", "norm_threshold": "norm_threshold", "momentum": "momentum", "phi": "phi",
                "zero_init_steps": "zero_init_steps", "alpha": "alpha", "scales": "scales",
                "parallel_weights": "parallel_weights", "rule_space": "space", "rule_form": "form"}
+
+
+def rule_from_keys(rule: str, keys: dict) -> Rule:
+    """The rule `rule` (a key of RULES) with the flat keys of `keys` that are set (`eta`, ..., `rule_space`,
+    `rule_form`: RULE_PARAMS; None = unset), as MethodSpec, `sample`, `sweep` and `pipe` give them; a key the rule
+    does not take is refused in one line naming its flag and the rule's own."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}: expected one of {', '.join(RULES)} (autoguidance rules)")
+    unknown = sorted(set(keys) - set(RULE_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown rule setting(s) {', '.join(unknown)}; known: {', '.join(RULE_PARAMS)}")
+    own = {f.name for f in dataclasses.fields(RULES[rule])}
+    given = {k: v for k, v in keys.items() if v is not None}
+    extra = [k for k in RULE_PARAMS if k in given and RULE_PARAMS[k] not in own]
+    if extra:
+        def flag(k):
+            return "--" + k.replace("_", "-")
+        theirs = [flag(k) for k in RULE_PARAMS if RULE_PARAMS[k] in own]
+        raise ValueError(f"rule {rule} takes no {', '.join(flag(k) for k in extra)}: its parameters are "
+                         f"{', '.join(theirs) or '(none)'} (autoguidance rules)")
+    return make_rule(rule, {RULE_PARAMS[k]: v for k, v in given.items()})
 _LATER_KEYS = ("rule", *RULE_PARAMS, "w_steps", "window", "cfgpp")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodSpec)}
 _FLOATS = ("w", "p", "a", "sigma_min", "sigma_max", "rho", "churn")

@@ -12,7 +12,7 @@ is what the papers reason in, and it does not change with the number of sampling
     Ramp(3.0, 1.0, sigma_from=5.0, sigma_to=0.05)  3 at sigma >= 5, 1 at sigma <= 0.05, linear in log sigma between
 
 Beside them, the forms users write in steps (they read the step index the sampler declares, `current_step`, and
-refuse to run outside one of the library's samplers):
+refuse to run outside one of the library's samplers or a diffusers pipeline's loop under `guided_pipeline`):
 
     StepList((7.0,) * 45 + (3.0,) * 3)             w per sampler step (Ideogram's 48-step list); the run must have
                                                    as many steps as the list
@@ -147,7 +147,9 @@ class Ramp(Schedule):
 class StepClock:
     """Which sampler step each denoiser call of a run belongs to, declared by the sampler once per run in the run's
     cache (`rng.SamplingRun`): `step_of_call[k]` is the step index of call k (Heun: its correction call belongs to
-    the step it corrects), `num_steps` the run's N."""
+    the step it corrects), `num_steps` the run's N. `step_of_call` is a tuple over the calls 0..K-1, or a mapping
+    {call index: step} for a caller whose call indices are not consecutive (a pipeline's model call, whose index in
+    the noise context is its timestep's salt, declares its own step at each call)."""
 
     step_of_call: tuple
     num_steps: int
@@ -163,7 +165,8 @@ def current_step(what: str) -> tuple[int, int]:
     sampler's noise context (`rng.current_state`). Raises one line naming `what` outside a run that declares them."""
     state = current_state()
     clock = state.run.cache.get(StepClock.KEY) if state is not None and state.run is not None else None
-    if clock is None or not 0 <= state.call < len(clock.step_of_call):
+    steps = clock.step_of_call if clock is not None else ()
+    if clock is None or not (state.call in steps if isinstance(steps, dict) else 0 <= state.call < len(steps)):
         raise ValueError(f"{what} needs the sampler's step index: sample with autoguidance's samplers (generate, "
                          "sample_heun, sample_euler, sample_dpmpp_2m, sample_flow_euler), or use a sigma schedule "
                          "(Interval, Ramp)")

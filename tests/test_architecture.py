@@ -34,8 +34,9 @@ DIFFUSERS_ROOMS = {
     "families": ("autoguidance.perturb", "autoguidance.adapters.diffusers.families"),
     "denoiser": ("autoguidance.denoiser", "autoguidance.adapters.diffusers.schedules",
                  "autoguidance.adapters.diffusers.families"),
-    "model_call": ("autoguidance.denoiser", "autoguidance.guidance", "autoguidance.rng", "autoguidance.schedules",
-                   "autoguidance.adapters.diffusers.schedules", "autoguidance.adapters.diffusers.families"),
+    "model_call": ("autoguidance.denoiser", "autoguidance.guidance", "autoguidance.rng", "autoguidance.rules",
+                   "autoguidance.schedules", "autoguidance.adapters.diffusers.schedules",
+                   "autoguidance.adapters.diffusers.families"),
     "insitu_unet": ("autoguidance.guidance", "autoguidance.perturb", "autoguidance.rng", "autoguidance.schedules",
                     "autoguidance.adapters.diffusers.model_call"),
 }

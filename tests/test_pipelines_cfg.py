@@ -82,14 +82,16 @@ def test_a_layout_that_cannot_be_read_is_refused_and_cfg_layout_gives_it():
 
 # -- item 3: guidance_rescale ----------------------------------------------------------------------------------------
 
-def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+def test_guidance_rescale_is_the_rescale_rule_in_the_models_output_space(pipes):
+    """One way to rescale (issue 22): the pipeline's phi becomes `Rescale(phi)` on the model output (the rule's
+    formula is checked against diffusers' `rescale_noise_cfg` in tests/test_rules.py)."""
+    from autoguidance.adapters.diffusers import GuidedModelCall
+    from autoguidance.adapters.diffusers.model_call import OutputSpace
+    from autoguidance.rules import Rescale
 
-    from autoguidance.adapters.diffusers.model_call import guidance_rescale
-
-    g = torch.Generator().manual_seed(0)
-    guided, cond = torch.randn(3, 4, 5, 5, generator=g) * 2, torch.randn(3, 4, 5, 5, generator=g)
-    torch.testing.assert_close(guidance_rescale(guided, cond, 0.7), rescale_noise_cfg(guided, cond, 0.7))
+    call = GuidedModelCall(pipes["sd"].unet, pipes["sd"].scheduler)
+    assert call.call_rule(0.7) == Rescale(0.7, space=OutputSpace("epsilon", False))
+    assert call.call_rule(0.0) == call.rule
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "ltx"])

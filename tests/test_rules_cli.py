@@ -25,11 +25,12 @@ def test_rules_command_lists_every_rule_with_parameters_space_and_paper(capsys):
         assert f"{name} (" in out
     for arxiv in ("2305.08891", "2410.02416", "2503.18886", "2503.18137", "2506.19713", "2508.03442", "2406.08070"):
         assert arxiv in out
-    assert "--norm-threshold 0.0" in out and "--rule-space x0" in out
+    assert "--norm-threshold 0.0" in out and "--rule-space default" in out
+    assert "x0 for the library's denoisers, the model's own output in pipelines  (--rule-space x0|eps|v)" in out
     assert main(["rules", "apg", "--json"]) == 0
     (apg,) = json.loads(capsys.readouterr().out)
     assert {p["name"]: p["default"] for p in apg["params"]} == {"eta": 0.0, "norm_threshold": 0.0, "momentum": 0.0,
-                                                               "space": "x0", "form": "conditional"}
+                                                               "space": None, "form": "conditional"}
     assert main(["rules", "apgg"]) == 2
     assert "unknown rule 'apgg'" in capsys.readouterr().err
 

@@ -16,6 +16,13 @@ the same (x_t, t) for every pass (so in the model's own output type, which is af
 
     pred = cond + (guidance_scale - 1) (cond - uncond) + (w - 1) (cond - bad)
 
+or, with `rule=` (the same rule objects as everywhere, `autoguidance.rules`), that rule over the same predictions,
+in the model's output type (the guider never sees the latents, so a rule with an explicit space is refused: use
+`guided_pipeline` for x0 / eps / v). A stateful rule (APG's momentum) keeps its state per batch row from the
+pipeline call's step 0 on; CFG-Zero*'s zero-init steps output zeros from the conditional pass alone (the modular
+loop calls the model for every batch its guider asks for and gives it no latents, so the zero output takes its
+shape from one pass; diffusers' guider computes every pass there).
+
 `w` applies for sigma in (sigma_lo, sigma_hi] only, sigma the EDM noise level of the step, from the timestep and
 the noise schedule in the config (`schedule="vp"` with the betas of the pipeline's scheduler, or `"flow"`:
 t = timestep / num_train_timesteps, sigma = t / (1 - t)); `AutoguidanceGuider.for_scheduler(scheduler, ...)` copies
@@ -33,6 +40,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from ..rng import mix_keys
+from ..rules import Linear, as_rule, combine, rule_record
 from ..schedules import Interval, as_schedule, check_weight
 from .diffusers.model_call import image_seeds, step_salt
 from .pipeline import KEYLESS_PERTURBATIONS, make_pipeline_perturbation
@@ -67,8 +75,17 @@ class AutoguidanceGuider(BaseGuidance):
                  beta_schedule: str = "scaled_linear",
                  start: float = 0.0,
                  stop: float = 1.0,
-                 enabled: bool = True):
+                 enabled: bool = True,
+                 rule: Optional[Any] = None):             # a rule, its name or its record; None: linear
         super().__init__(start, stop, enabled)
+        self.rule = as_rule(rule)
+        if self.rule.space is not None:
+            raise ValueError(f"AutoguidanceGuider combines the model outputs the modular loop hands it and never sees "
+                             f"the latents, so rule {self.rule.describe()} cannot act in space "
+                             f"{self.rule.space!r}: leave its space unset (the model output) or use guided_pipeline")
+        # the config holds the rule as data (JSON), so save_pretrained / from_pretrained / new() round-trip it
+        self.register_to_config(rule=None if type(self.rule) is Linear else rule_record(self.rule))
+        self._rule_states: dict = {}
         if schedule not in ("vp", "flow"):
             raise ValueError(f"schedule must be 'vp' or 'flow', got {schedule!r}")
         if perturbation in _INPUT_MOVING:
@@ -118,6 +135,14 @@ class AutoguidanceGuider(BaseGuidance):
                 self._stop * self._num_inference_steps)
         return True
 
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        if step == 0:                   # a new pipeline call: a stateful rule starts afresh
+            self._rule_states = {}
+
+    def _zero_init(self) -> bool:
+        return self._enabled and self._step is not None and self._step < self.rule.zero_init_steps
+
     def _cfg_on(self) -> bool:
         return self._in_range() and not math.isclose(self.guidance_scale, 1.0)
 
@@ -125,6 +150,8 @@ class AutoguidanceGuider(BaseGuidance):
         return self._in_range() and bool((self.w_schedule(self.sigma().to(torch.float32)) != 1).all())
 
     def _plan(self) -> list[str]:
+        if self._zero_init():
+            return ["pred_cond"]
         return ["pred_cond"] + (["pred_uncond"] if self._cfg_on() else []) + (["pred_bad"] if self._bad_on() else [])
 
     @property
@@ -185,12 +212,23 @@ class AutoguidanceGuider(BaseGuidance):
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor] = None,
                 pred_bad: Optional[torch.Tensor] = None) -> GuiderOutput:
-        pred = pred_cond
+        if self._zero_init():
+            return GuiderOutput(pred=torch.zeros_like(pred_cond), pred_cond=pred_cond, pred_uncond=pred_uncond)
+        names, us, ws = [], [], []
         if pred_uncond is not None:
-            pred = pred + (self.guidance_scale - 1) * (pred_cond - pred_uncond)
+            names.append("pred_uncond"), us.append(pred_uncond), ws.append(self.guidance_scale)
         if pred_bad is not None:
-            w = float(self.w_schedule(self.sigma().to(torch.float32))[0])
-            pred = pred + (w - 1) * (pred_cond - pred_bad)
+            names.append("pred_bad"), us.append(pred_bad)
+            ws.append(float(self.w_schedule(self.sigma().to(torch.float32))[0]))
+        if not us:
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        states = [self._rule_states.get(k) for k in names]
+        if self.rule.stateful and any(st is not None and st.shape != pred_cond.shape for st in states):
+            raise ValueError(f"rule {self.rule.describe()} keeps a state per batch row, and the batch changed "
+                             f"without a new pipeline call (step 0): {list(pred_cond.shape)}")
+        pred, states = combine(self.rule, pred_cond, us, ws, states)
+        if self.rule.stateful:
+            self._rule_states.update(zip(names, states))
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 

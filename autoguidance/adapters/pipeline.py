@@ -13,6 +13,8 @@
         ...
     with guided_pipeline(pipe, lambda D: ag.insitu(D, 3.0, 0.1, module=D.model)):   # any Guided over D
         ...
+    with guided_pipeline(pipe, "insitu", w=3.0, rule=ag.APG(eta=0.0, momentum=-0.5)):   # a combination rule
+        ...
 
 How it works. On entry every model the pipeline's loop calls (its experts: `pipe.unet`, else `pipe.transformer`
 and `pipe.transformer_2` (Wan 2.2); `component=` names others) gets a `forward` that guides each call; nothing else
@@ -49,6 +51,16 @@ one line naming `cfg_layout=`.
 **Randomness** of perturbations is per image: from `seeds=` (one per image), else from the pipeline's `generator`
 (a list: each generator's initial seed; one generator: its seed and the image index), else the image index; and
 per step (the timestep). An image is the same alone or in a batch.
+
+**Rules.** `rule=` (`autoguidance.rules`: rescale, APG, CFG-Zero*, TCFG, FDG, MAMBO-G) combines every pass of a
+call, the pipeline's CFG taken over and the method's guide alike. A rule whose space is None (its default) acts on
+the model's own output (`model_call.OutputSpace`: epsilon, v-prediction, sample or flow velocity), as diffusers'
+guiders do; `space='x0' | 'eps' | 'v'` where it says. Stateful rules (APG's momentum) keep their state per image
+row and per pipeline call (a new `SamplingRun` for each call of the pipeline: its running `__call__`) and per
+expert (diffusers' modular Wan 2.2 gives each expert its own guider too); zero-init (CFG-Zero*) and step schedules
+(`StepList`, `StepWindow`) read the step from the pipeline's loop (`pipeline_cfg.loop_step`). The pipeline's own
+`guidance_rescale` is the rescale rule after the method's rule (`rules.with_rescale`): `rule=Rescale(phi)` beside it
+is refused, a rule with an explicit space too.
 """
 from __future__ import annotations
 
@@ -61,9 +73,12 @@ import torch
 
 from ..guidance import Guided, Pass
 from ..perturb import Dropout, Perturbation
+from ..rng import SamplingRun
+from ..rules import Linear, Rule, as_rule
 from ..schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
 from .diffusers.model_call import GuidedModelCall, PipelineScale, check_guide_model, image_seeds
-from .pipeline_cfg import CFG_LAYOUTS, cfg_hint, pipeline_frame_locals, read_call, same_tensor, seeds_from_generator
+from .pipeline_cfg import (CFG_LAYOUTS, cfg_hint, loop_step, pipeline_frame, read_call, same_tensor,
+                           seeds_from_generator)
 
 __all__ = ["guided_pipeline", "GuidedPipeline", "PIPELINE_METHODS", "pipeline_model", "pipeline_experts",
            "make_pipeline_perturbation", "KEYLESS_PERTURBATIONS"]
@@ -168,7 +183,7 @@ class GuidedPipeline:
     """The context manager `guided_pipeline` returns (see the module docstring). Attributes while active:
     `denoiser` (the pipeline's (first) model as a denoiser, `D.model` the module), `experts` (the names of the
     models guided), `calls` (`(net, rows)` of every model call made, all experts), `last_rows`, `seeds` (settable
-    between pipeline calls)."""
+    between pipeline calls), `rule` (the combination rule)."""
 
     def __init__(self, pipe, method: Union[str, Callable[[Any], Guided]] = "none", *,
                  w:            Optional[ScheduleLike] = None,              # guide weight, a number or w(sigma)
@@ -182,7 +197,8 @@ class GuidedPipeline:
                  component:    Union[None, str, Sequence[str]] = None,     # default: unet, else every transformer
                  prediction_type: Optional[str] = None,                    # default: the scheduler's
                  cfg_layout:   Optional[str] = None,                       # default: read from the pipeline's call
-                 max_batch:    Optional[int] = None):                      # rows per model call
+                 max_batch:    Optional[int] = None,                       # rows per model call
+                 rule:         Union[None, str, Rule] = None):             # how the passes combine (default linear)
         self.pipe = pipe
         experts = pipeline_experts(pipe, component)
         if cfg_layout is not None and cfg_layout not in CFG_LAYOUTS:
@@ -191,6 +207,8 @@ class GuidedPipeline:
         self.method = method
         self.seeds = seeds
         self.max_batch = max_batch
+        self.rule = as_rule(rule)
+        self._rule_given = rule is not None
         guides_of = self._guide_models(experts, method, guide)
         self._experts: list[_Expert] = []
         self._calls: list = []
@@ -198,7 +216,7 @@ class GuidedPipeline:
             g = guides_of.get(name)
             inner = _own_forward(model)
             call = GuidedModelCall(model, pipe.scheduler, prediction_type=prediction_type,
-                                   guide_models=[g] if g is not None else [], forward=inner)
+                                   guide_models=[g] if g is not None else [], forward=inner, rule=self.rule)
             call.calls = self._calls                 # one record of calls for every expert, in call order
             if experts and name != experts[0][0]:    # calls of the other experts: 'main/transformer_2', ...
                 for net in (call.net, *call.guide_nets):
@@ -206,6 +224,7 @@ class GuidedPipeline:
             ex = _Expert(name, model, call)
             ex.guides = self._build(ex, method, w=w, p=p, where=where, perturbation=perturbation,
                                     guide=g, interval=interval, cfg_interval=cfg_interval)
+            call.rule = self.rule                    # a factory's Guided may have brought its own (`_build`)
             self._experts.append(ex)
         self.component, self.model = experts[0]
         self.call = self._experts[0].call
@@ -215,6 +234,8 @@ class GuidedPipeline:
         self._token = object()
         self._pending = None          # a per-branch pipeline's guided output, for its unconditional call
         self._last = self._experts[0]
+        self._frame = None            # the pipeline call (its running __call__'s frame) of the current run
+        self._run: Optional[SamplingRun] = None    # that call's run: stateful rules' state, the step clock
 
     @property
     def experts(self) -> list[str]:
@@ -267,6 +288,11 @@ class GuidedPipeline:
                                 f"...) built on the D it is given, got {type(g).__name__}")
             if g.main.net is not D or g.main.perturbation is not None:
                 raise ValueError("the guided denoiser's main pass must be the plain D the factory is given")
+            if type(g.rule) is not Linear:           # the factory's own rule, unless rule= says otherwise
+                if self._rule_given and g.rule != self.rule:
+                    raise ValueError(f"the method factory's guided denoiser combines with {g.rule.describe()} and "
+                                     f"rule= says {self.rule.describe()}: give the rule in one place")
+                self.rule = g.rule
             guides = [(gd.pass_, gd.w) for gd in g.guides]
             if not any(gd.pass_.drop_labels for gd in g.guides):
                 guides.insert(0, (Pass(D, drop_labels=True), cfg_w))
@@ -321,6 +347,7 @@ class GuidedPipeline:
             if g is not None:
                 g.to(device=ex.model.device, dtype=ex.model.dtype)
         self._pending = None
+        self._end_run()
         try:
             for ex in self._experts:
                 self._install(ex)
@@ -381,6 +408,7 @@ class GuidedPipeline:
                     del d[slot]
             ex.fn = None
         self._pending = None
+        self._end_run()
 
     def restore(self) -> None:
         """Put every expert's forward back as it was (idempotent)."""
@@ -399,19 +427,34 @@ class GuidedPipeline:
         return self._last.call.last_rows
 
     def _read(self, ex: _Expert, args, kwargs) -> tuple:
-        """`(reading, sample, timestep, pipeline locals)` of a model call as the pipeline made it."""
-        local = pipeline_frame_locals(self.pipe)
+        """`(reading, sample, timestep, pipeline locals, pipeline frame)` of a model call as the pipeline made it."""
+        frame = pipeline_frame(self.pipe)
+        local = frame.f_locals if frame is not None else {}
         sample, timestep, _, rest = ex.call.bind(args, kwargs)
-        return read_call(self.pipe, local, sample.shape[0], rest, self.cfg_layout), sample, timestep, local
+        return read_call(self.pipe, local, sample.shape[0], rest, self.cfg_layout), sample, timestep, local, frame
+
+    def _run_of(self, frame) -> Optional[SamplingRun]:
+        """The run of the pipeline call `frame` is (a new one when the call is new); None outside a pipeline call."""
+        if frame is None:
+            return None
+        if frame is not self._frame:
+            self._frame, self._run = frame, SamplingRun()
+        return self._run
+
+    def _end_run(self) -> None:
+        self._frame = self._run = None        # the frame holds the call's locals: let them go
 
     def _guided(self, ex: _Expert, args, kwargs):
         # the reading of the call as the pipeline made it (before offload hooks move its tensors), from the
         # forward pre-hook; read here when the forward is reached without it
         read, ex.read = ex.read, None
-        reading, sample, timestep, local = read if read is not None else self._read(ex, args, kwargs)
+        reading, sample, timestep, local, frame = read if read is not None else self._read(ex, args, kwargs)
         self._last = ex
         if reading.role == "uncond":
             return self._take_pending(ex, sample, timestep)
+        if self.method == "none" and type(self.rule) is not Linear and reading.cfg is None:
+            raise ValueError(f"method none combines only the pipeline's own CFG, and this call holds none, so rule "
+                             f"{self.rule.describe()} would do nothing: {cfg_hint(self.pipe)}, or pick a method")
         g = self._guide_models_of.get(ex.name)
         if g is not None:
             dev = next(g.parameters()).device
@@ -426,8 +469,11 @@ class GuidedPipeline:
                                  "pass one seed per image (batch size x num_images_per_prompt), or set gp.seeds")
         else:
             seeds = seeds_from_generator(local.get("generator"), images)
+        step = loop_step(self.pipe, local) if local else None
         out = ex.call.forward(args, kwargs, ex.guides, seeds=seeds, cfg=reading.cfg, max_batch=self.max_batch,
-                              cfg_hint=cfg_hint(self.pipe))
+                              cfg_hint=cfg_hint(self.pipe), run=self._run_of(frame), step=step)
+        if step is not None and step.call == step.calls - 1:
+            self._end_run()                   # the loop's last model call: the next call of the pipeline is new
         self._pending = (ex.name, sample, _step_key(timestep), out) if reading.role == "cond" else None
         return out
 

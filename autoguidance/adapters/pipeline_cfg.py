@@ -12,12 +12,16 @@ a CFG batch). The pipeline says it itself, through the local variables of its ru
   `[uncond, cond]` pair (DiT: `[cond, uncond]`);
 - for pipelines that call their model once per CFG branch (Flux's true CFG, Wan): which branch a call is, from the
   identity of its tensors with the pipeline's `X` and `negative_X` locals (`prompt_embeds` /
-  `negative_prompt_embeds`, `pooled_prompt_embeds`, `text_ids`), and the other branch's arguments.
+  `negative_prompt_embeds`, `pooled_prompt_embeds`, `text_ids`), and the other branch's arguments;
+- which step of its denoising loop the call is (`loop_step`): the loop's index `i` into its `timesteps` (checked
+  against its `t`), else the one position of `t` in the scheduler's timesteps, in steps of the scheduler's `order`
+  (Heun-type schedulers call the model twice per step).
 
 Where this cannot be known, the call is refused with one line naming `cfg_layout=` (or what else to pass).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Optional
@@ -26,8 +30,8 @@ import torch
 
 from .diffusers.model_call import CallCFG
 
-__all__ = ["CFG_LAYOUTS", "COND_FIRST", "CallReading", "read_call", "pipeline_frame_locals", "seeds_from_generator",
-           "cfg_hint", "same_tensor"]
+__all__ = ["CFG_LAYOUTS", "COND_FIRST", "CallReading", "read_call", "pipeline_frame", "pipeline_frame_locals",
+           "seeds_from_generator", "cfg_hint", "same_tensor", "LoopStep", "loop_step"]
 
 #: `cfg_layout=` values: how a call of the model holds the pipeline's CFG, when the pipeline cannot tell
 CFG_LAYOUTS = {
@@ -41,17 +45,67 @@ COND_FIRST = ("DiTPipeline",)
 SCALE_DECIDES = ("DiTPipeline",)
 
 
-def pipeline_frame_locals(pipe, depth: int = 2) -> dict:
-    """The local variables of the pipeline's running `__call__` (the nearest frame whose `self` is `pipe`), or {}
-    when the model is called outside it."""
+def pipeline_frame(pipe, depth: int = 2):
+    """The frame of the pipeline's running `__call__` (the nearest frame whose `self` is `pipe`), or None when the
+    model is called outside it."""
     f = sys._getframe(depth)
     for _ in range(60):
         if f is None:
             break
         if f.f_locals.get("self") is pipe:
-            return f.f_locals
+            return f
         f = f.f_back
-    return {}
+    return None
+
+
+def pipeline_frame_locals(pipe, depth: int = 3) -> dict:
+    """The local variables of the pipeline's running `__call__` (`pipeline_frame`), or {} outside it."""
+    f = pipeline_frame(pipe, depth)
+    return f.f_locals if f is not None else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopStep:
+    """Where a model call sits in the pipeline's denoising loop: `step` of `steps` (the loop's steps: an img2img
+    loop's are those it runs), and `call` of `calls` (the loop's model-calling iterations: `steps x order` for a
+    scheduler of order 2, less one where its last step is first-order)."""
+
+    step: int
+    steps: int
+    call: int
+    calls: int
+
+
+def _value(t) -> Optional[float]:
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() == 1 else None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
+
+def loop_step(pipe, local: dict) -> Optional[LoopStep]:
+    """The step of the pipeline's loop at this model call, from the locals of its running `__call__`: the loop's
+    index `i` into its `timesteps` when `timesteps[i]` is its `t` (SD, SDXL, SD3, Flux, Wan, ...), else the one
+    position of `t` in the scheduler's timesteps (DiT loops over them without an index); a scheduler of order k
+    (Heun, KDPM2) makes k model calls per step. None where the call shows no loop, or `t` is not found once."""
+    t = _value(local.get("t"))
+    if t is None:
+        return None
+    order = getattr(getattr(pipe, "scheduler", None), "order", 1)
+    order = order if isinstance(order, int) and not isinstance(order, bool) and order >= 1 else 1
+    i, ts = local.get("i"), local.get("timesteps")
+    call = calls = None
+    if isinstance(i, int) and not isinstance(i, bool) and isinstance(ts, (torch.Tensor, list, tuple)) \
+            and (not isinstance(ts, torch.Tensor) or ts.ndim == 1) and 0 <= i < len(ts) and _value(ts[i]) == t:
+        call, calls = i, len(ts)
+    else:
+        ts = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if isinstance(ts, torch.Tensor) and ts.ndim == 1:
+            hits = torch.nonzero(ts.detach().to(torch.float64).cpu() == t).flatten().tolist()
+            if len(hits) == 1:
+                call, calls = hits[0], len(ts)
+    if call is None:
+        return None
+    return LoopStep(call // order, -(-calls // order), call, calls)
 
 
 def seeds_from_generator(generator, n: int) -> Optional[torch.Tensor]:

@@ -175,11 +175,16 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                        device:          Optional[str] = None,
                        dtype:           Optional[str] = None,
                        progress:        bool = True,
-                       args:            Optional[argparse.Namespace] = None) -> dict:
+                       args:            Optional[argparse.Namespace] = None,
+                       rule=None,                             # a combination rule (autoguidance.rules); None: linear
+                       w_steps:         Optional[Sequence[float]] = None,   # one w per step of the loop (not w)
+                       window:          Optional[tuple] = None) -> dict:    # (start, stop): w only in those steps
     """Write one PNG per seed of this rank, then (rank 0) the grid and run.json; returns `{'done', 'skipped',
     'images', 'seconds'}` of this rank. Call `dist.init()` first under torchrun."""
     import tqdm
 
+    from ..rules import Linear, as_rule, rule_record
+    from ..schedules import StepList, StepWindow
     from .diffusers.model_call import image_seeds
     from .pipeline import guided_pipeline, make_pipeline_perturbation
 
@@ -205,6 +210,16 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
     elif perturbation is not None or layers or blocks is not None:
         raise ValueError(f"--perturbation / --layers / --blocks belong to method perturbation, not {method}: add "
                          "--method perturbation")
+    rule = as_rule(rule)
+    schedule = w
+    if w_steps is not None:
+        if w is not None or interval is not None or window is not None:
+            raise ValueError("--w-steps gives w at every step: drop --w / --interval / --window")
+        schedule = StepList(w_steps)
+    elif window is not None:
+        if w is None or interval is not None:
+            raise ValueError("--window START,STOP needs --w (the weight inside the window) and no --interval")
+        schedule = StepWindow(float(w), *window)
     dev = dist.device(device)
     pipe = load_pipeline(folder, dev, dtype, progress=progress)
     call_opts = _call_options(pipe, {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale,
@@ -218,8 +233,16 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
               "class_label": class_label, "guidance_scale": call_opts.get("guidance_scale"),
               "true_cfg_scale": call_opts.get("true_cfg_scale"), "steps": steps, "height": height, "width": width,
               "dtype": dtype}
+    # written only when set, so the identity of a run made without them is unchanged
+    if type(rule) is not Linear:
+        config["rule"] = rule_record(rule)
+    if w_steps is not None:
+        config["w_steps"] = [float(v) for v in w_steps]
+    if window is not None:
+        config["window"] = [float(v) for v in window]
     identity = identity_of(config)
-    options = dict(w=w, interval=interval, cfg_interval=cfg_interval)
+    options = dict(w=schedule, interval=interval, cfg_interval=cfg_interval,
+                   rule=rule if type(rule) is not Linear else None)
     if method == "insitu":
         options.update(p=p, where=where)
     elif method == "perturbation":

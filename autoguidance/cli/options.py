@@ -9,7 +9,8 @@ from ..methods import METHODS, PERTURBATIONS, MethodSpec, preset_fields, toml_lo
 from ..rules import RULES, SPACES
 from ..sampling import SAMPLERS
 
-__all__ = ["parse_floats", "parse_steps", "add_method_arguments", "spec_from_args", "spec_fields_from_args",
+__all__ = ["parse_floats", "parse_steps", "add_method_arguments", "add_step_arguments", "add_rule_arguments",
+           "spec_from_args", "spec_fields_from_args", "rule_fields_from_args", "step_fields_from_args",
            "check_positive"]
 
 
@@ -75,24 +76,8 @@ def add_method_arguments(p, with_grid: bool = False) -> None:
     g.add_argument("--a", type=float, default=None, help="cfg-autoguidance mixing ratio in [0, 1]")
     g.add_argument("--preset", default=None, help="a preset name (autoguidance presets)")
     g.add_argument("--max-batch", type=int, default=None, help="rows per forward call (memory bound)")
-    g.add_argument("--w-steps", default=None, help="one w per sampler step, VALUE or VALUE*COUNT comma-separated "
-                   "(e.g. 7*45,3*3); replaces --w")
-    g.add_argument("--window", default=None, help="START,STOP: apply w only for the steps i with int(START N) <= i < "
-                   "int(STOP N) (fractions of the N steps, e.g. 0.01,0.2)")
-    r = p.add_argument_group("combination rule (autoguidance rules)")
-    if not with_grid:
-        r.add_argument("--rule", default=None, choices=list(RULES), help="how the passes combine (default linear)")
-    r.add_argument("--eta", type=float, default=None, help="apg: weight of the part parallel to the main prediction")
-    r.add_argument("--norm-threshold", type=float, default=None, help="apg: bound on the difference's norm (0: none)")
-    r.add_argument("--momentum", type=float, default=None, help="apg: running-average coefficient (e.g. -0.5)")
-    r.add_argument("--phi", type=float, default=None, help="rescale: mix of the rescaled prediction (0.7)")
-    r.add_argument("--zero-init-steps", type=int, default=None, help="cfg-zero: steps with a zero output first")
-    r.add_argument("--alpha", type=float, default=None, help="mambo: fall-off of w with ||c - u|| / ||u||")
-    r.add_argument("--scales", default=None, help="fdg: per-level (w_l - 1)/(w - 1), high to low frequency")
-    r.add_argument("--parallel-weights", default=None, help="fdg: per-level weight of the parallel part")
-    r.add_argument("--rule-space", default=None, choices=list(SPACES), help="the space the rule acts in (x0)")
-    r.add_argument("--rule-form", default=None, choices=["conditional", "unconditional"],
-                   help="apg / fdg: update on the main prediction (paper) or on the guide's (diffusers)")
+    add_step_arguments(g)
+    add_rule_arguments(p, with_rule=not with_grid)
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="heun (EDM Alg. 2) or euler")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default 32)")
@@ -102,6 +87,55 @@ def add_method_arguments(p, with_grid: bool = False) -> None:
     s.add_argument("--churn", type=float, default=None, help="S_churn (default 0: deterministic)")
     s.add_argument("--cfgpp", action="store_true", default=None, help="CFG++ steps (euler, heun): re-noise with the "
                    "guide's prediction (Chung et al. 2024)")
+
+
+def add_step_arguments(g, what: str = "sampler step") -> None:
+    """--w-steps and --window (the step forms of w) in the argument group `g` (`sample`, `sweep`, `pipe`)."""
+    g.add_argument("--w-steps", default=None, help=f"one w per {what}, VALUE or VALUE*COUNT comma-separated "
+                   "(e.g. 7*45,3*3); replaces --w")
+    g.add_argument("--window", default=None, help="START,STOP: apply w only for the steps i with int(START N) <= i < "
+                   "int(STOP N) (fractions of the N steps, e.g. 0.01,0.2)")
+
+
+def add_rule_arguments(p, with_rule: bool = True, space_default: str = "x0") -> None:
+    """The combination-rule flags (`autoguidance rules`) of `sample`, `sweep` and `pipe`, as their own group; with
+    `with_rule`, --rule too (sweep's grid gives --rules). `space_default`: what an unset --rule-space means there."""
+    r = p.add_argument_group("combination rule (autoguidance rules)")
+    if with_rule:
+        r.add_argument("--rule", default=None, choices=list(RULES), help="how the passes combine (default linear)")
+    r.add_argument("--eta", type=float, default=None, help="apg: weight of the part parallel to the main prediction")
+    r.add_argument("--norm-threshold", type=float, default=None, help="apg: bound on the difference's norm (0: none)")
+    r.add_argument("--momentum", type=float, default=None, help="apg: running-average coefficient (e.g. -0.5)")
+    r.add_argument("--phi", type=float, default=None, help="rescale: mix of the rescaled prediction (0.7)")
+    r.add_argument("--zero-init-steps", type=int, default=None, help="cfg-zero: steps with a zero output first")
+    r.add_argument("--alpha", type=float, default=None, help="mambo: fall-off of w with ||c - u|| / ||u||")
+    r.add_argument("--scales", default=None, help="fdg: per-level (w_l - 1)/(w - 1), high to low frequency")
+    r.add_argument("--parallel-weights", default=None, help="fdg: per-level weight of the parallel part")
+    r.add_argument("--rule-space", default=None, choices=list(SPACES),
+                   help=f"the space the rule acts in (default: {space_default})")
+    r.add_argument("--rule-form", default=None, choices=["conditional", "unconditional"],
+                   help="apg / fdg: update on the main prediction (paper) or on the guide's (diffusers)")
+
+
+def rule_fields_from_args(args) -> dict:
+    """The MethodSpec keys of the rule flags that are set (`rule`, `eta`, ..., `rule_form`; lists parsed)."""
+    flags = dict(rule=getattr(args, "rule", None), eta=args.eta, norm_threshold=args.norm_threshold,
+                 momentum=args.momentum, phi=args.phi, zero_init_steps=args.zero_init_steps, alpha=args.alpha,
+                 rule_space=args.rule_space, rule_form=args.rule_form)
+    for name in ("scales", "parallel_weights"):
+        if getattr(args, name):
+            flags[name] = parse_floats(getattr(args, name), None, "--" + name.replace("_", "-"))
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def step_fields_from_args(args) -> dict:
+    """The MethodSpec keys of --w-steps and --window when set (`w_steps`, `window`)."""
+    flags = {}
+    if args.w_steps:
+        flags["w_steps"] = parse_steps(args.w_steps)
+    if args.window:
+        flags["window"] = parse_floats(args.window, 2, "--window")
+    return flags
 
 
 def spec_from_args(args) -> MethodSpec:
@@ -130,20 +164,11 @@ def spec_fields_from_args(args) -> dict:
                  p=getattr(args, "p", None), perturbation=args.perturbation, where=args.where, gnet=args.gnet,
                  uncond=args.uncond, a=args.a, preset=args.preset, max_batch=args.max_batch, sampler=args.sampler,
                  steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                 churn=args.churn, rule=getattr(args, "rule", None), eta=args.eta, norm_threshold=args.norm_threshold,
-                 momentum=args.momentum, phi=args.phi, zero_init_steps=args.zero_init_steps, alpha=args.alpha,
-                 rule_space=args.rule_space, rule_form=args.rule_form, cfgpp=args.cfgpp)
+                 churn=args.churn, cfgpp=args.cfgpp, **rule_fields_from_args(args), **step_fields_from_args(args))
     if getattr(args, "interval", None):
         flags["interval"] = parse_floats(args.interval, 2, "--interval")
     if args.ramp:
         flags["ramp"] = parse_floats(args.ramp, 3, "--ramp")
-    if args.w_steps:
-        flags["w_steps"] = parse_steps(args.w_steps)
-    if args.window:
-        flags["window"] = parse_floats(args.window, 2, "--window")
-    for name in ("scales", "parallel_weights"):
-        if getattr(args, name):
-            flags[name] = parse_floats(getattr(args, name), None, "--" + name.replace("_", "-"))
     d.update({k: v for k, v in flags.items() if v is not None})
     preset = d.get("preset")
     if preset:

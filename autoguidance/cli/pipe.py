@@ -4,13 +4,17 @@
     autoguidance pipe sd-folder --prompt "a cat" --guidance-scale 5 --method insitu --w 2 --out runs/cat-cfg
     autoguidance pipe sd3-folder --prompts prompts.txt --method perturbation --perturbation skiplayers --layers 7,8,9 \
         --w 2.5 --seeds 0-15 --out runs/slg
+    autoguidance pipe sd-folder --prompt "a cat" --guidance-scale 7 --rule apg --eta 0 --norm-threshold 15 \
+        --momentum -0.5 --out runs/apg
     torchrun --nproc_per_node=2 -m autoguidance.cli pipe sd-folder --prompt "a cat" --seeds 0-63 --out runs/x
 
 Writes OUT/png/SEED.png, OUT/grid.png, OUT/images.json and OUT/run.json; a rerun skips the seeds already made by
 the same settings; the folder is locked while a run writes to it; under torchrun seed i goes to rank i mod world.
 The pipeline is loaded with `DiffusionPipeline.from_pretrained(DIR, local_files_only=True)`: nothing is downloaded.
 With `--guidance-scale > 1` (Flux: `--negative-prompt` and `--true-cfg-scale > 1`) the pipeline's own CFG is
-taken over by the library and composed with the method in one batched model call. See docs/pipelines.md.
+taken over by the library and composed with the method in one batched model call. The combination rule flags are
+`autoguidance sample`'s (`autoguidance rules` lists them); a rule acts on the model's own output unless
+--rule-space says otherwise. See docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import argparse
 
 from ..runs import dist
 from ..runs.seeds import parse_seeds
-from .options import parse_floats
+from .options import (add_rule_arguments, add_step_arguments, parse_floats, rule_fields_from_args,
+                      step_fields_from_args)
 
 __all__ = ["add_parser"]
 
@@ -37,6 +42,8 @@ def _run(args) -> int:
     cfg_interval = parse_floats(args.cfg_interval, 2, "--cfg-interval") if args.cfg_interval else None
     layers = _layers(args.layers) if args.layers else None
     prompts = read_prompts(args.prompts) if args.prompts else None
+    rule = _rule(args)
+    steps = step_fields_from_args(args)
     dist.init()
     try:
         s = pipeline_to_folder(args.dir, args.out, seeds, method=args.method, w=args.w, p=args.p, where=args.where,
@@ -45,13 +52,25 @@ def _run(args) -> int:
                                negative_prompt=args.negative_prompt, class_label=args.class_label,
                                guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
                                steps=args.steps, height=args.height, width=args.width, batch=args.batch,
-                               device=args.device, dtype=args.dtype, progress=not args.no_progress, args=args)
+                               device=args.device, dtype=args.dtype, progress=not args.no_progress, args=args,
+                               rule=rule, w_steps=steps.get("w_steps"), window=steps.get("window"))
         if dist.is_main():
             print(f"rank 0: {s['done']} images made, {s['skipped']} already done, in {s['seconds']:.1f} s; output "
                   f"in {args.out}")
     finally:
         dist.shutdown()
     return 0
+
+
+def _rule(args):
+    """The combination rule of the rule flags (None: linear); a flag the rule does not take is refused."""
+    from ..methods import rule_from_keys
+
+    keys = rule_fields_from_args(args)
+    name = keys.pop("rule", None)
+    if name is None and not keys:
+        return None
+    return rule_from_keys(name or "linear", keys)
 
 
 def _layers(text: str) -> list[int]:
@@ -85,6 +104,8 @@ def add_parser(subparsers) -> None:
                    "same class as the pipeline's unet / transformer")
     m.add_argument("--interval", default=None, help="LO,HI: the method's w only for sigma in (LO, HI]")
     m.add_argument("--cfg-interval", default=None, help="LO,HI: the pipeline's CFG only for sigma in (LO, HI]")
+    add_step_arguments(m, "step of the pipeline's loop")
+    add_rule_arguments(p, space_default="the model's own output, as diffusers' guiders")
     c = p.add_argument_group("pipeline call")
     c.add_argument("--prompt", default=None, help="the prompt (text-to-image pipelines)")
     c.add_argument("--prompts", default=None, metavar="FILE", help="a text file of prompts, one per line: seed s gets "

@@ -26,6 +26,10 @@ _EXTRAS = [
 ]
 
 
+#: what a rule's default space (None) is, where
+_DEFAULT_SPACE = "x0 for the library's denoisers, the model's own output in pipelines"
+
+
 def rule_table() -> list[dict]:
     """One entry per rule: name, class, parameters `[{name, flag, default}]`, default space, formula, paper."""
     out = []
@@ -33,14 +37,15 @@ def rule_table() -> list[dict]:
         params = [{"name": f.name, "flag": _FLAG.get(f.name, "--" + f.name.replace("_", "-")),
                    "default": list(f.default) if isinstance(f.default, tuple) else f.default}
                   for f in dataclasses.fields(cls)]
-        space = cls().space if "space" in {f.name for f in dataclasses.fields(cls)} else "any (affine)"
+        space = _DEFAULT_SPACE if "space" in {f.name for f in dataclasses.fields(cls)} else "any (affine)"
         out.append({"name": name, "class": cls.__name__, "params": params, "space": space, "formula": cls.formula,
                     "paper": cls.paper})
     return out
 
 
 def _show(r: dict) -> str:
-    params = ", ".join(f"{p['flag']} {p['default']}" for p in r["params"]) or "(none)"
+    params = ", ".join(f"{p['flag']} {p['default'] if p['name'] != 'space' else 'default'}"
+                       for p in r["params"]) or "(none)"
     return "\n".join([f"{r['name']} ({r['class']})",
                       f"  formula     {r['formula']}",
                       f"  parameters  {params}",

@@ -3,6 +3,7 @@ part parallel to the main prediction down-weighted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -27,13 +28,14 @@ class APG(Rule):
     `u + w upd` for one guide). The momentum is per image and per sampling run, updated at every guided denoiser
     call (Heun: twice per step) of the rows whose w != 1.
 
-    Space: x0 by default (ComfyUI's APG node acts on the denoised predictions); diffusers' guider acts on the model
-    output, `space='eps'` or `'v'`. `norm_threshold` is in the units of that space (a norm over every element)."""
+    Space (None, the default): x0 for the library's denoisers (ComfyUI's APG node acts on the denoised predictions),
+    the model output inside pipelines (diffusers' guider acts there); or 'x0', 'eps', 'v' anywhere. `norm_threshold`
+    is in the units of that space (a norm over every element)."""
 
     eta:            float = 0.0             # weight of the parallel part (1: the plain difference)
     norm_threshold: float = 0.0             # r: bound on ||D|| per row (0: no bound)
     momentum:       float = 0.0             # beta of the running average (the paper uses negative values; 0: none)
-    space:          str = "x0"              # 'x0', 'eps' or 'v'
+    space:          Optional[str] = None    # None (x0; pipelines: the model output), 'x0', 'eps', 'v'
     form:           str = "conditional"     # 'conditional' (paper) or 'unconditional' (diffusers)
 
     name = "apg"

@@ -18,6 +18,9 @@ flow model's velocity v). A rule with `space='eps'` or `'v'` acts on
 
 `to_space` / `from_space` convert (affine in D at fixed x and noise level, so linear guidance is the same in every
 space). At t = 1 (pure noise) eps is x_t whatever D is, so eps is refused there: use 'v' or 'x0' for flow models.
+`space=None` (every rule's default) is the caller's own space: x0 for the library's denoisers, the model's own output
+type inside a diffusers pipeline or guider (where diffusers applies its guiders). A caller with a space of its own
+(a pipeline model's output type) passes a `Space` object, which converts for itself.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-__all__ = ["Rule", "SPACES", "to_space", "from_space", "project", "combine", "check_number", "check_space",
-           "check_form"]
+__all__ = ["Rule", "SPACES", "Space", "to_space", "from_space", "project", "combine", "check_number", "check_space",
+           "check_form", "space_name"]
 
 #: the spaces a rule can act in
 SPACES = ("x0", "eps", "v")
@@ -49,11 +52,32 @@ def check_number(v, name: str, lo: Optional[float] = None, hi: Optional[float] =
     return int(v) if integer else float(v)
 
 
-def check_space(space) -> str:
-    if space not in SPACES:
+class Space:
+    """A space a caller defines for itself (a pipeline model's own output type: `adapters.diffusers.model_call.
+    OutputSpace`): `to(D, x, sigma, t)` maps x0 predictions `D` `[N, ...]` there and `back(y, x, sigma, t)` inverts,
+    both affine in D at fixed `x` and noise level (EDM: `sigma` `[N]`, `t` None; flow: `x` = x_t at `t` `[N]`)."""
+
+    name: ClassVar[str] = "custom"
+
+    def to(self, D: torch.Tensor, x: torch.Tensor, sigma, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def back(self, y: torch.Tensor, x: torch.Tensor, sigma, t) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_space(space):
+    """`space` if it is a space a rule can take: None (the caller's own), one of SPACES, or a `Space`."""
+    if space is not None and not isinstance(space, Space) and space not in SPACES:
         raise ValueError(f"rule parameter space must be one of {', '.join(SPACES)} (x0: the denoised prediction; "
-                         f"eps / v: the noise / flow-velocity form diffusers' guiders see), got {space!r}")
+                         f"eps / v: the noise / flow-velocity form diffusers' guiders see), or None (the caller's "
+                         f"own: x0 for the library's denoisers, the model output in pipelines), got {space!r}")
     return space
+
+
+def space_name(space) -> str:
+    """How a rule's space reads in messages and records: 'x0', 'eps', 'v', 'default' (None) or a `Space`'s name."""
+    return "default" if space is None else space.name if isinstance(space, Space) else str(space)
 
 
 def check_form(form) -> str:
@@ -69,8 +93,8 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _coefficients(x: torch.Tensor, space: str, sigma: Optional[torch.Tensor], t: Optional[torch.Tensor]):
-    """`(a, b)` with `space = a x + b D`, per row, broadcastable against x (x0: None)."""
-    if space == "x0":
+    """`(a, b)` with `space = a x + b D`, per row, broadcastable against x (x0 and None: None)."""
+    if space is None or space == "x0":
         return None
     if t is None:
         s = _col(sigma, x)
@@ -84,16 +108,21 @@ def _coefficients(x: torch.Tensor, space: str, sigma: Optional[torch.Tensor], t:
     return 1 / tt, -1 / tt
 
 
-def to_space(D: torch.Tensor, x: torch.Tensor, space: str, sigma: Optional[torch.Tensor] = None,
+def to_space(D: torch.Tensor, x: torch.Tensor, space, sigma: Optional[torch.Tensor] = None,
              t: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The x0 prediction `D` `[N, ...]` of input `x` (EDM: at `sigma` `[N]`; flow: x_t at `t` `[N]`) in `space`."""
+    """The x0 prediction `D` `[N, ...]` of input `x` (EDM: at `sigma` `[N]`; flow: x_t at `t` `[N]`) in `space`
+    (None: x0; a `Space`: its own map)."""
+    if isinstance(space, Space):
+        return space.to(D, x, sigma, t)
     ab = _coefficients(x, space, sigma, t)
     return D if ab is None else ab[0] * x + ab[1] * D
 
 
-def from_space(y: torch.Tensor, x: torch.Tensor, space: str, sigma: Optional[torch.Tensor] = None,
+def from_space(y: torch.Tensor, x: torch.Tensor, space, sigma: Optional[torch.Tensor] = None,
                t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse of `to_space`: the x0 prediction whose `space` form is `y`."""
+    if isinstance(space, Space):
+        return space.back(y, x, sigma, t)
     ab = _coefficients(x, space, sigma, t)
     return y if ab is None else (y - ab[0] * x) / ab[1]
 
@@ -123,7 +152,7 @@ class Rule:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     formula: ClassVar[str] = ""
-    space: str = "x0"
+    space = None                   # the caller's own space (Linear: the same in every space)
 
     zero_init_steps = 0            # steps at the start of a run with a zero output and no network pass
 
@@ -139,6 +168,15 @@ class Rule:
     def finish(self, c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The guided prediction from `g = c + sum of deltas` (default: g itself)."""
         return g
+
+    def in_space(self, space) -> "Rule":
+        """This rule acting in `space` where its own space is None (the caller's own); itself otherwise (an explicit
+        space, or a rule without one: Linear is the same in every space)."""
+        import dataclasses
+
+        if self.space is None and "space" in {f.name for f in dataclasses.fields(self)}:
+            return dataclasses.replace(self, space=space)
+        return self
 
     def describe(self) -> str:
         """`name(param=value, ...)` (the parameters that differ from the defaults)."""

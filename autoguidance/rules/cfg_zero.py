@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,13 +20,14 @@ class CFGZeroStar(Rule):
     Zero-init: the first `zero_init_steps` steps of a sampling run output a zero model output, and no network pass
     is computed there (diffusers' `ClassifierFreeZeroStarGuidance` computes both passes and discards them). A zero
     model output is a zero ODE derivative of the library's samplers: the call returns its input (EDM: D = x, so
-    eps = 0; flow: x0 = x_t, so v = 0), whatever `space` is. Needs the sampler's step index (`current_step`).
+    eps = 0; flow: x0 = x_t, so v = 0), whatever `space` is. Needs the sampler's step index (`current_step`; in a
+    pipeline, the step of its loop).
 
-    Space: x0 by default; the paper optimises the scale of the flow velocity (`space='v'`), diffusers that of the
-    model output."""
+    Space (None, the default): x0 for the library's denoisers, the model output inside pipelines (diffusers' choice);
+    or 'x0', 'eps', 'v' anywhere (the paper optimises the scale of the flow velocity, `space='v'`)."""
 
-    zero_init_steps: int = 1        # steps at the start of a run whose output is zero (0: none)
-    space:           str = "x0"     # 'x0', 'eps' or 'v'
+    zero_init_steps: int = 1                # steps at the start of a run whose output is zero (0: none)
+    space:           Optional[str] = None   # None (x0; pipelines: the model output), 'x0', 'eps', 'v'
 
     name = "cfg-zero"
     paper = "CFG-Zero*, arXiv 2503.18886"

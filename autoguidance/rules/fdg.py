@@ -83,11 +83,12 @@ class FDG(Rule):
     previous level's (or an unbound) tensor, so any disabled level fails or mixes sizes; and an image whose sides
     are not powers of two is padded and returned padded (14 x 14 -> 16 x 16). Here the result is cropped back to the
     input size. Its pyramid is kornia's (the same 5 x 5 binomial blur, bilinear resampling, reflected borders).
-    Space: x0 by default; diffusers acts on the model output (`space='eps'` / `'v'`)."""
+    Space (None, the default): x0 for the library's denoisers, the model output inside pipelines (where diffusers
+    acts); or 'x0', 'eps', 'v' anywhere."""
 
     scales:           tuple = (1.0, 0.5)     # per level, high to low frequency: (w_l - 1) = scales[l] (w - 1)
     parallel_weights: Optional[tuple] = None  # per level weight of the part parallel to c (None: plain difference)
-    space:            str = "x0"             # 'x0', 'eps' or 'v'
+    space:            Optional[str] = None   # None (x0; pipelines: the model output), 'x0', 'eps', 'v'
     form:             str = "conditional"    # 'conditional' or 'unconditional' (diffusers)
 
     name = "fdg"

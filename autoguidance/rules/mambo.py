@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,10 +16,11 @@ class MAMBO(Rule):
     """Per guide and row: `r = ||c - u|| / ||u||` (all but the batch axis), `w' = 1 + (w - 1) exp(-alpha r)`,
     `g = c + (w' - 1)(c - u)` (the same as diffusers' `u + w' (c - u)`). Several guides: each its own ratio and
     weight, `g = c + sum_i (w_i' - 1)(c - u_i)`. A zero u row has r = inf (w' = 1) unless c = u there.
-    Space: x0 by default; diffusers acts on the model output (`space='eps'` / `'v'`), where ||u|| differs."""
+    Space (None, the default): x0 for the library's denoisers, the model output inside pipelines (where diffusers
+    acts, and where ||u|| differs); or 'x0', 'eps', 'v' anywhere."""
 
     alpha: float = 8.0       # how fast the weight falls with r (diffusers' default)
-    space: str = "x0"        # 'x0', 'eps' or 'v'
+    space: Optional[str] = None  # None (x0; pipelines: the model output), 'x0', 'eps', 'v'
 
     name = "mambo"
     paper = "MAMBO-G, arXiv 2508.03442 (diffusers: MagnitudeAwareGuidance)"

@@ -3,6 +3,7 @@ the pair (c, u)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -21,9 +22,10 @@ class TCFG(Rule):
     `v1 = (a c + b u) / s1`), not a D-dimensional SVD; `u'` does not depend on the sign of v1. diffusers'
     `TangentialClassifierFreeGuidance` computes the same with an SVD in float32, and its guider raises
     AttributeError (`is_conditional` reads `_num_outputs_prepared`, which no class defines), so it cannot run in a
-    pipeline. Space: x0 by default; diffusers acts on the model output (`space='eps'` / `'v'`)."""
+    pipeline. Space (None, the default): x0 for the library's denoisers, the model output inside pipelines (where
+    diffusers acts); or 'x0', 'eps', 'v' anywhere."""
 
-    space: str = "x0"      # 'x0', 'eps' or 'v'
+    space: Optional[str] = None  # None (x0; pipelines: the model output), 'x0', 'eps', 'v'
 
     name = "tcfg"
     paper = "TCFG (tangential damping), arXiv 2503.18137"

@@ -13,6 +13,11 @@ and guiding the noise prediction at the same (x_t, t) is guiding D (flow: `x0 = 
 Perturbations that move the input (`InputNoise`) are evaluated at (x_t', t'); their output is converted to x0 and
 back to a prediction at (x_t, t). `autoguidance.adapters.guided_pipeline` (adapters/pipeline.py) installs it on
 `pipe.unet` / `pipe.transformer` for a `with` block; `autoguidance.adapters.guider` offers it to modular pipelines.
+
+A combination rule other than the linear one (`autoguidance.rules`) is not affine, so its space matters: a rule
+whose space is None (the default) acts on the model's own output (`OutputSpace`: epsilon, v-prediction, sample or
+flow velocity, where diffusers applies its guiders); 'x0', 'eps', 'v' act where they say. The pipeline's
+`guidance_rescale` is the rescale rule after the method's rule (`rules.with_rescale`), on the model output.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ import torch
 
 from ...denoiser import sigma_to_t, t_to_sigma, take_rows
 from ...guidance import Guide, Guided, Pass
-from ...rng import as_seeds, noise_context
-from ...schedules import as_schedule
+from ...rng import SamplingRun, as_seeds, noise_context
+from ...rules import Rule, as_rule, with_rescale
+from ...rules.base import Space, space_name
+from ...schedules import StepClock, StepList, StepWindow, as_schedule
 from .families import register_rules
 from .schedules import (FlowSchedule, _col, _make_schedule, _prediction_type, flow_output_to_x0, flow_x0_to_output,
                         output_to_x0, x0_to_output)
 
-__all__ = ["GuidedModelCall", "PipelineModelNet", "PipelineScale", "CallCFG", "guidance_rescale", "step_salt",
+__all__ = ["GuidedModelCall", "PipelineModelNet", "PipelineScale", "CallCFG", "OutputSpace", "step_salt",
            "image_seeds", "EXTRA_CHANNELS", "INTERFACE_KEYS", "check_guide_model"]
 
 
@@ -168,6 +175,38 @@ def _merge(const: Mapping, rows: Mapping) -> dict:
     return out
 
 
+class OutputSpace(Space):
+    """The model's own output type at a pipeline's model call, as a space rules act in (`rules.base.Space`): the x0
+    prediction D of an EDM call `(x, sigma)` (VP schedulers) or a flow call `(x_t, t)` is mapped to what the model
+    would output for it (`x0_to_output`, `flow_x0_to_output`): epsilon, diffusers' v-prediction
+    `sqrt(a) eps - sqrt(1 - a) x0`, the sample itself, or the flow velocity `eps - x0`."""
+
+    name = "output"
+
+    def __init__(self, prediction_type: str, flow: bool):
+        self.prediction_type, self.flow = prediction_type, bool(flow)
+
+    def to(self, D, x, sigma, t):
+        if t is not None:
+            return flow_x0_to_output(D, x, t, self.prediction_type)
+        return x0_to_output(D, x, sigma, self.prediction_type)
+
+    def back(self, y, x, sigma, t):
+        if t is not None:
+            return flow_output_to_x0(y, x, t, self.prediction_type)
+        return output_to_x0(y, x, sigma, self.prediction_type)
+
+    def __eq__(self, other):
+        return isinstance(other, OutputSpace) and (other.prediction_type, other.flow) == (self.prediction_type,
+                                                                                          self.flow)
+
+    def __hash__(self):
+        return hash((OutputSpace, self.prediction_type, self.flow))
+
+    def __repr__(self):
+        return f"output({'flow ' if self.flow and self.prediction_type != 'flow' else ''}{self.prediction_type})"
+
+
 class GuidedModelCall:
     """Guidance of one model (`pipe.unet` / `pipe.transformer`) inside a pipeline's own loop: `forward(*args,
     **kwargs)` takes the model's own arguments (positional or keyword), evaluates every pass of the method in as
@@ -181,16 +220,24 @@ class GuidedModelCall:
     row then returns the guided prediction, so the pipeline's own combination `u + s (c - u)` gives it back
     unchanged. For a pipeline that calls its model once per CFG branch (`CallCFG` layout 'branch'), the call is the
     conditional one and the unconditional rows come from `cfg.uncond`; the caller returns the same guided output
-    for the branch's second call. `guidance_rescale` (the pipeline's phi) acts after the combination. Extra input
-    channels (inpainting U-Nets) are per-row conditioning. Perturbation randomness: `keys(n, timestep)` per image."""
+    for the branch's second call. Extra input channels (inpainting U-Nets) are per-row conditioning. Perturbation
+    randomness: `keys(n, timestep)` per image.
+
+    `rule` combines every pass (the pipeline's CFG and the method's guides), in the model's output space when its
+    space is None (`OutputSpace`); the pipeline's `guidance_rescale` phi is the rescale rule after it
+    (`rules.with_rescale`). A stateful rule's state and the step of zero-init and step schedules live in the `run`
+    and `step` the caller passes per pipeline call (`forward`)."""
 
     def __init__(self, model: torch.nn.Module, scheduler, *, prediction_type: Optional[str] = None,
-                 guide_models: Sequence[torch.nn.Module] = (), forward=None):
+                 guide_models: Sequence[torch.nn.Module] = (), forward=None, rule: Optional[Rule] = None):
         register_rules()
         self.model = model
         self.schedule = _make_schedule(scheduler, False, model)
         self.is_flow = isinstance(self.schedule, FlowSchedule)
         self.prediction_type = _prediction_type(scheduler, prediction_type, self.is_flow)
+        self.rule = as_rule(rule)
+        self.output_space = OutputSpace(self.prediction_type, self.is_flow)
+        self._guided: Optional[Guided] = None      # kept across calls: a stateful rule's state is keyed by it
         self.net = PipelineModelNet(model, self.schedule, self.prediction_type)
         self.guide_nets = [PipelineModelNet(g, self.schedule, self.prediction_type, name=f"guide{i}")
                            for i, g in enumerate(guide_models)]
@@ -246,13 +293,46 @@ class GuidedModelCall:
             return cout
         return c
 
-    def forward(self, args, kwargs, guides, *, seeds=None, cfg=None, max_batch=None, cfg_hint=None):
+    def call_rule(self, phi: float = 0.0) -> Rule:
+        """The rule one call combines with: `rule`, then the pipeline's rescale of `phi` (0: none), in the model's
+        output space where the rule's space is None. The pipeline's rescale acts on the model output, so a rule in
+        another space (or a rescale rule of its own) is refused beside it."""
+        rule = self.rule
+        if phi > 0 and rule.space is not None:
+            raise ValueError(f"the pipeline's guidance_rescale={phi:g} rescales the model output, and rule "
+                             f"{rule.describe()} acts in {space_name(rule.space)}: drop the rule's space (the model "
+                             "output is its default here) or the pipeline's guidance_rescale")
+        return with_rescale(rule, phi).in_space(self.output_space)
+
+    def _combiner(self, built, max_batch, rule: Rule) -> Guided:
+        """The `Guided` of this call: the one of the previous call with this call's guides (so a stateful rule's
+        state, keyed by it, carries over within the caller's run), or a new one when the rule or max_batch differ."""
+        G = self._guided
+        if G is None or G.rule != rule or G.max_batch != max_batch:
+            G = self._guided = Guided(Pass(self.net), built, max_batch, rule=rule)
+        else:
+            G.guides = list(built)
+        return G
+
+    def forward(self, args, kwargs, guides, *, seeds=None, cfg=None, max_batch=None, cfg_hint=None,
+                run: Optional[SamplingRun] = None, step=None):
         """Guided output for one model call. `guides`: `[(Pass, Schedule or None)]`; `seeds`: `[N]` image seeds
         (None = row index); `cfg`: None (the call holds no CFG of the pipeline), a `CallCFG`, or `(cond_first,
         scale)` for a batched one; `cfg_hint`: how to turn the pipeline's CFG on, for the error of a CFG pass
-        without it. Returns the model's output type, or None where no guide is active and the pipeline's CFG is
-        not taken over (the caller then runs the model as it is)."""
+        without it; `run`: the pipeline call's `SamplingRun` (a stateful rule's state lives there), `step`: the
+        call's `pipeline_cfg.LoopStep` (zero-init and step schedules read it). Returns the model's output type, or
+        None where no guide is active and the pipeline's CFG is not taken over (the caller then runs the model as
+        it is)."""
         cfg = CallCFG.of(cfg)
+        rule = self.call_rule(cfg.rescale if cfg is not None else 0.0)
+        if rule.stateful and run is None:
+            raise ValueError(f"rule {rule.describe()} keeps a state per image across the steps of a pipeline call: "
+                             "call the model from the pipeline's own __call__ inside guided_pipeline")
+        if step is None and (rule.zero_init_steps or any(isinstance(w, (StepList, StepWindow)) for _, w in guides)):
+            what = f"rule {rule.describe()}'s zero_init_steps" if rule.zero_init_steps else "a step schedule of w"
+            raise ValueError(f"{what} needs the step of the pipeline's loop, which this model call does not show (no "
+                             "loop index i over its timesteps): use a sigma schedule (Interval, Ramp) or "
+                             "zero_init_steps=0")
         sample, timestep, return_dict, rest = self.bind(args, kwargs)
         n = sample.shape[0]
         idx = torch.arange(n, device=sample.device)
@@ -302,37 +382,42 @@ class GuidedModelCall:
                 p = dataclasses.replace(p, uncond_labels=take_rows(uncond, rows) if uncond is not None else None)
             built.append(Guide(p, w))
         sig_all = levels if not self.is_flow else t_to_sigma(levels)      # as Guided evaluates the weights
-        if cfg is None and not any(bool((g.w(sig_all) != 1).any()) for g in built):
+        salt = step_salt(ts if ts is not None else torch.zeros(()))
+        if run is not None and step is not None:        # the step of this call, for zero-init and step schedules
+            StepClock({salt: step.step}, step.steps).declare(run)
+        zero_init = step is not None and step.step < rule.zero_init_steps
+        if cfg is None and not zero_init and not any(bool((g.w(sig_all) != 1).any()) for g in built):
             self.last_rows = (n, 0)
             return None                         # nothing to guide: the caller runs the model as it is
         for net in [self.net, *self.guide_nets]:
             net.state = state
         self.net.record = []
         try:
-            G = Guided(Pass(self.net), built, max_batch)
-            salt = step_salt(ts if ts is not None else torch.zeros(()))
+            G = self._combiner(built, max_batch, rule)
             keys_seeds = as_seeds(seeds) if seeds is not None else torch.arange(N, dtype=torch.int64)
-            with noise_context(keys_seeds, salt):
+            with noise_context(keys_seeds, salt, run):
                 if self.is_flow:
                     x0 = G.flow(x, level_cmp, cond)
                 else:
                     x0 = G(x * _col((1 + levels**2).sqrt(), x), level_cmp, cond)
-            main = torch.cat(self.net.record)[:N]       # the main pass's raw output (it is the first N rows)
+            # the main pass's raw output (its first N rows); none at a zero-init step, which computes no pass
+            main = torch.cat(self.net.record)[:N] if self.net.record else None
         finally:
             for net in [self.net, *self.guide_nets]:
                 net.state = None
             self.net.record = None
         self.calls.extend(state.calls)
-        self.last_rows = (N, sum(r for _, r in state.calls) - N)
+        self.last_rows = (N, sum(r for _, r in state.calls) - N) if main is not None else (0, 0)
+        if main is None and _predicts_variance(self.model, c):
+            raise ValueError(f"rule {rule.describe()}'s zero-init computes no pass, and {type(self.model).__name__} "
+                             "predicts its variance in the same call: use zero_init_steps=0")
         if self.is_flow:
             out = flow_x0_to_output(x0, x, levels, self.prediction_type)
         else:
             x_edm = x * _col((1 + levels**2).sqrt(), x)
             out = x0_to_output(x0, x_edm, levels, self.prediction_type)
-        if cfg is not None and cfg.rescale > 0:
-            out = guidance_rescale(out, main[:, :c].to(torch.float64), cfg.rescale)
         out = out.to(sample.dtype)
-        if main.shape[1] == 2 * c:                      # learned variance: the main pass's variance channels
+        if main is not None and main.shape[1] == 2 * c:  # learned variance: the main pass's variance channels
             out = torch.cat([out, main[:, c:].to(out.dtype)], dim=1)
         if halves:
             out = torch.cat([out, out])
@@ -383,15 +468,10 @@ def check_guide_model(guide: torch.nn.Module, model: torch.nn.Module, name: str 
                              f"{b!r}: a guide must take the same inputs (same channels, text width, patch size)")
 
 
-def guidance_rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """CFG rescale (Lin et al. 2023, arXiv 2305.08891, Sec. 3.4) of a guided prediction `[N, ...]` towards the
-    spread of the conditional one, in the model's output space, std per sample over all but the batch axis:
-
-        g' = phi * g * std(c) / std(g) + (1 - phi) * g
-    """
-    dims = tuple(range(1, guided.ndim))
-    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
-    return phi * (guided * ratio) + (1 - phi) * guided
+def _predicts_variance(model: torch.nn.Module, channels: int) -> bool:
+    """Whether `model` outputs learned-variance channels beside its prediction (DiT: out_channels = 2 x in)."""
+    cout = getattr(getattr(model, "config", None), "out_channels", None)
+    return isinstance(cout, int) and not isinstance(cout, bool) and cout == 2 * channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +483,7 @@ class CallCFG:
              `uncond` holds the unconditional call's arguments that differ (its negative-prompt embeddings)
     scale    the pipeline's CFG scale for this call (`guidance_scale`, Flux's `true_cfg_scale`, Wan 2.2's
              scale of the expert called); None where the pipeline shows none (`cfg_layout=` given)
-    rescale  the pipeline's `guidance_rescale` phi (0: none), applied after the combination
+    rescale  the pipeline's `guidance_rescale` phi (0: none): the rescale rule after the method's rule
     """
 
     layout: str
