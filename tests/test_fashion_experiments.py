@@ -107,3 +107,27 @@ def test_fashion_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
     rows = {r["key"] for r in json.loads((out / "fashion_table.json").read_text())["rows"]}
     assert {"cfg", "cfg-interval", "auto", "auto-S-T16", "auto-XS-T", "insitu", "tpg", "cfg+auto",
             "insitu-dropout"} <= rows and "uncond-auto" not in rows
+
+
+def test_rule_rows_and_the_made_guide_row(weights, tmp_path):
+    import shutil
+
+    from autoguidance.experiments.image_tables import _b_auto, _b_ruled
+
+    s = replace(TINY, eval_sets=(1,), ws=(2.0,))
+    data = replace(TINY_SET, table_rules=(("auto", "rescale", {"phi": 0.7}, "autoguidance (XS, T/16)"),))
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    shutil.copytree(weights / "xs-T16-ema050", w / "made-guide")
+    (w / "made-guide" / "guide.json").write_text(json.dumps({"recipe": "distill", "budget": {
+        "spent_fraction_of_main": 0.03}}))
+    lab = Lab(s, w, progress=False, data=data)
+    rec = run_experiment("table", tmp_path / "o", s, methods=["rules", "made-guide"], lab=lab)
+    rows = {r["key"]: r for r in rec["rows"]}
+    assert set(rows) == {"none", "auto+rescale", "made-guide"}
+    assert rows["auto+rescale"]["best"]["rule"] == "rescale" and "rescale" in rows["auto+rescale"]["label"]
+    assert rows["made-guide"]["label"].startswith("autoguidance by a made guide (distill, 3.0%")
+    # the made guide here is the XS guide itself: the same evaluation as the autoguidance row would give
+    same = lab.evaluate("x", _b_auto, {"main": "s-T-ema050", "guide": "xs-T16-ema050", "w": 2.0}, 1)
+    assert same["fd"] == pytest.approx(rows["made-guide"]["runs"][0]["fd"], rel=1e-5)
+    assert _b_ruled.__qualname__ == "_b_ruled"            # stored evaluations are keyed by the builder's name

@@ -53,6 +53,9 @@ class ImageSet:
     full: tuple = ()                           # `(name, value)` overrides of the full-mode `Settings` for this set
     table_rows: Optional[tuple] = None         # the main table's row keys (None: every row)
     experiments: Optional[tuple] = None        # the experiments of `autoguidance <prefix> all` (None: every one)
+    #: main-table rows of a combination rule: `(method 'cfg'|'auto', rule name, its arguments, label)` (the best rules
+    #: of the MNIST rules study, docs/rules.md)
+    table_rules: tuple = ()
 
 
 DIGITS = ImageSet("digits", "digits", "digits", WEIGHTS_DIR / "digits", (1, 8, 8), _digits, "FD_digits", 2048,

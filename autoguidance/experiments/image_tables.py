@@ -51,6 +51,7 @@ from ..metrics.features import extract, load_feature_net
 from ..metrics.frechet import frechet_distance_features
 from ..metrics.prdc import prdc
 from ..sampling import generate
+from ..rules import make_rule
 from ..schedules import Interval, Ramp, as_schedule
 from .image_sets import DIGITS, ImageSet
 from .image_tables_report import Row, costs_md, extra_cols, extra_md, fmt_params, plot_grids, plot_pr, plot_sweeps, \
@@ -411,6 +412,16 @@ def _b_perturb(L, p):
     return perturbation_guidance(net, p["w"], _perturbation(p["kind"], p["strength"], net))
 
 
+def _b_ruled(L, p):
+    """The denoiser of a non-linear rule row: method `p['method']` with rule `p['rule']` (`p['rule_args']`)."""
+    rule = make_rule(p["rule"], p["rule_args"])
+    if p["method"] == "cfg":
+        return cfg(L.net(p["main"]), p["w"], uncond=L.net(p["guide"]), rule=rule)
+    if p["method"] == "auto":
+        return autoguidance(L.net(p["main"]), L.net(p["guide"]), p["w"], rule=rule)
+    return insitu(L.net(p["main"]), p["w"], p["p"], rule=rule)
+
+
 def _b_cfg_auto(L, p):
     return cfg_autoguidance(L.net(p["main"]), L.net(p["guide"]), p["w"], p["a"], uncond=L.net(p["uncond"]))
 
@@ -511,6 +522,16 @@ def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
         best_auto = next((r.result["best"]["guide"] for r in rows if r.key == "auto"), _guide_names(lab, "xs-T16")[-1])
         add("cfg+auto", "CFG + autoguidance (a = 0.5)", _b_cfg_auto,
             lab.grid(main=[main], guide=[best_auto], uncond=[best_cfg], a=[0.5], w=W), "(App. B.2: no FID given)")
+    for method, rule, args, label in lab.data.table_rules:    # the best rules of the rules study, where a set has them
+        key = f"{method}+{rule}"
+        base = {"cfg": _cfg_grid, "auto": _auto_grid}[method](lab, main)
+        add(key, f"{label} with {make_rule(rule, args).describe()}", _b_ruled,
+            [dict(p, method=method, rule=rule, rule_args=args) for p in base], "-", force=want("rules"))
+    made = lab.weights / "made-guide"
+    if want("made-guide") and (made / "guide.json").exists():
+        rec = json.loads((made / "guide.json").read_text())
+        add("made-guide", f"autoguidance by a made guide ({rec['recipe']}, {rec['budget']['spent_fraction_of_main']:.1%} "
+            "of the main's training FLOPs)", _b_auto, lab.grid(main=[main], guide=["made-guide"], w=W), "-")
     if want("dropout-main"):
         drop_main, _ = choose_main(lab, "s-dropout-T")
         rows.append(Row("none-dropout", "S trained with dropout 0.1, no guidance",

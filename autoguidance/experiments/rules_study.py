@@ -32,10 +32,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..guidance import autoguidance, cfg, insitu
 from ..rules import make_rule
 from ..runs.files import atomic_path, write_json, write_text
-from .image_tables import Lab, _b_auto, _b_cfg, _b_insitu, _b_none, choose_main
+from .image_tables import Lab, _b_auto, _b_cfg, _b_insitu, _b_none, _b_ruled, choose_main
 from .image_tables_report import paired_delta
 
 __all__ = ["WS", "RULE_SET", "METHODS", "run_rules_study", "usable_w", "recall_gain"]
@@ -53,16 +52,6 @@ RULE_SET = {
 METHODS = {"cfg": "CFG (uncond. XS at T)", "auto": "autoguidance (XS, T/16)",
            "insitu": "in-situ dropout p = 0.1 (dropout-trained main)"}
 _LINEAR = {"cfg": _b_cfg, "auto": _b_auto, "insitu": _b_insitu}
-
-
-def _b_ruled(L: Lab, p: dict):
-    """The denoiser of a non-linear rule row: method `p['method']` with rule `p['rule']` (`p['rule_args']`)."""
-    rule = make_rule(p["rule"], p["rule_args"])
-    if p["method"] == "cfg":
-        return cfg(L.net(p["main"]), p["w"], uncond=L.net(p["guide"]), rule=rule)
-    if p["method"] == "auto":
-        return autoguidance(L.net(p["main"]), L.net(p["guide"]), p["w"], rule=rule)
-    return insitu(L.net(p["main"]), p["w"], p["p"], rule=rule)
 
 
 def usable_w(sweep: list[dict], best_fd: float, spread: float) -> list[float]:
