@@ -180,14 +180,14 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
     'images', 'seconds'}` of this rank. Call `dist.init()` first under torchrun."""
     import tqdm
 
-    from .diffusers.model_call import image_seeds
+    from ..rng import as_seeds
     from .pipeline import guided_pipeline, make_pipeline_perturbation
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ValueError(NOT_A_PIPELINE.format(dir=folder))
     out = check_out(out)
-    seeds = [int(s) for s in image_seeds(list(seeds), "--seeds").tolist()]
+    seeds = [int(s) for s in as_seeds(list(seeds), "--seeds").tolist()]
     if batch < 1:
         raise ValueError(f"--batch must be a positive number of images per pipeline call, got {batch}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
