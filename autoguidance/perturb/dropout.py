@@ -25,7 +25,7 @@ class Dropout(Perturbation):
     conv features. Default sites: every `torch.nn.Dropout` module of the model's own (where a net trained with
     dropout has it); an adapter's dropout (a peft LoRA's `lora_dropout`, see `register_adapter_layer`) is not the
     model's and is left out. To include it, name the sites: `where=torch.nn.Dropout` (every `nn.Dropout`, adapters'
-    too) or a glob such as `where="*lora_dropout*"`."""
+    too) or a glob such as `where="*lora_dropout.*"`."""
 
     p: Union[float, Schedule] = 0.1
     where: Where = None

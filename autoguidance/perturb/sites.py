@@ -152,7 +152,7 @@ def register_adapter_layer(module_type: type, base: Callable[[torch.nn.Module], 
     holds). Default sites leave the adapter's modules out (a LoRA's `lora_dropout` is the adapter's training
     regulariser, its `lora_A` / `lora_B` the adapter's weights), so loading an adapter does not change a guide's
     sites. Name them to include them: `where=torch.nn.Dropout` (every module of the type) or a glob such as
-    `'*lora_dropout*'`."""
+    `'*lora_dropout.*'`."""
     if not isinstance(module_type, type) or not callable(base):
         raise TypeError("register_adapter_layer(module_type, base) needs a class and a callable")
     _ADAPTER_LAYERS[module_type] = base
