@@ -109,6 +109,8 @@ def site_predicate(fn: Callable) -> Callable[[torch.nn.Module, str], bool]:
 #: module-name prefix (a library's top-level package, e.g. 'diffusers.') -> a function that registers that
 #: library's rules. Adapters add theirs when imported (`autoguidance.adapters`); perturb never imports a library.
 _RULE_PROVIDERS: dict[str, Callable[[], None]] = {}
+#: bumped whenever a rule or a provider is registered: the look-ups cached per type before are stale
+_GENERATION = [0]
 
 
 def register_rule_provider(module_prefix: str, provider: Callable[[], None]) -> None:
@@ -117,6 +119,7 @@ def register_rule_provider(module_prefix: str, provider: Callable[[], None]) -> 
     if not isinstance(module_prefix, str) or not module_prefix or not callable(provider):
         raise TypeError("register_rule_provider(module_prefix, provider) needs a non-empty string and a callable")
     _RULE_PROVIDERS[module_prefix] = provider
+    _GENERATION[0] += 1
 
 
 def _run_providers(module: torch.nn.Module) -> None:
@@ -126,15 +129,34 @@ def _run_providers(module: torch.nn.Module) -> None:
 
 
 class RuleRegistry(dict):
-    """module type -> rule; `lookup(module)` walks the type's MRO, asking the adapters' providers once on a miss."""
+    """module type -> rule; `lookup(module)` walks the type's MRO, asking the adapters' providers once on a miss.
+    Look-ups are cached per type until the next registration (default sites look up every module of a model)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: dict = {}
+        self._generation = -1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        _GENERATION[0] += 1
 
     def lookup(self, module: torch.nn.Module):
+        if self._generation != _GENERATION[0]:
+            self._cache.clear()
+            self._generation = _GENERATION[0]
+        t = type(module)
+        if t in self._cache:
+            return self._cache[t]
+        rule = None
         for _ in range(2):
-            for t in type(module).__mro__:
-                if t in self:
-                    return self[t]
+            rule = next((self[c] for c in t.__mro__ if c in self), None)
+            if rule is not None:
+                break
             _run_providers(module)
-        return None
+        if self._generation == _GENERATION[0]:      # no provider registered anything meanwhile
+            self._cache[t] = rule
+        return rule
 
 
 # -- what default sites leave out ----------------------------------------------------------------------------------
