@@ -267,7 +267,8 @@ def test_cogvideox_skip_layers_block_drop_and_weight_noise(calls):
                                           ("wan21", "blocks"), ("ltx", "transformer_blocks")])
 def test_block_drop_defaults_to_the_transformer_blocks(calls, kind, blocks):
     model, args, kwargs = calls(kind)
-    assert [p for p, _ in BlockDrop().sites(model)] == [f"{blocks}.{i}" for i in range(len(model.get_submodule(blocks)))]
+    n_blocks = len(model.get_submodule(blocks))
+    assert [p for p, _ in BlockDrop().sites(model)] == [f"{blocks}.{i}" for i in range(n_blocks)]
     rows = _rows(_batch(args, kwargs))
     exact, _ = _run(model, args, kwargs)
     got, _ = _run(model, args, kwargs, BlockDrop(1.0), rows)

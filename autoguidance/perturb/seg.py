@@ -288,9 +288,10 @@ def _query_hooks(path: str, attn: torch.nn.Module, rule: _SEGRule, grids: TokenG
         blurred = call.pop("blurred", False)
         call.pop("prefix", None)
         if not blurred:
+            processor = type(getattr(mod, "processor", None)).__name__
             raise SiteError(f"smoothed attention at {path!r}: its query projection ({type(proj).__name__}) was not "
-                            f"called by {type(mod).__name__}'s processor ({type(getattr(mod, 'processor', None)).__name__})"
-                            ", so nothing would be blurred; use a processor that calls it (unfused projections)")
+                            f"called by {type(mod).__name__}'s processor ({processor}), so nothing would be blurred; "
+                            "use a processor that calls it (unfused projections)")
         return None
 
     return [Hook(attn, enter, "forward_pre_kwargs"), Hook(proj, blur, site=False),
