@@ -12,8 +12,10 @@
 `PreviousStepGuidance` is a denoiser wrapper, not a `Guided` pass: `Guided` evaluates every pass of one call on the
 same (x, sigma), while SG-prev's bad prediction comes from a different, earlier call, so it needs state across calls.
 Images are keyed by their seed (the sampler's noise context), so a sample does not depend on the batch it is in
-(beyond the float rounding of the net's kernels at another batch size);
-outside a sampler, rows are keyed by their index.
+(beyond the float rounding of the net's kernels at another batch size); outside a sampler, rows are keyed by their
+index. It keeps one previous prediction per image, so it refuses to be the net of several passes of another guided
+denoiser (`cfg(PreviousStepGuidance(net, w))`: an image's conditional and unconditional rows would read each
+other's state); guide the combination instead, `PreviousStepGuidance(cfg(net, w_cfg), w)`.
 """
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ from .schedules import Schedule, ScheduleLike, as_schedule
 __all__ = ["PreviousStepGuidance", "SlidingWindow", "window_starts", "Tabulated"]
 
 
-def _row_seeds(n: int) -> torch.Tensor:
+def _row_seeds(n: int) -> tuple[torch.Tensor, Optional[int], bool]:
+    """`(seeds [n], call, passes)`: the rows' image seeds and the sampler's denoiser call index (None outside a
+    sampler: the row index stands for the seed), and whether the call is made on the rows of another guided
+    denoiser's batched passes (`rng.rows_context`), where one image may have a row in each of several passes."""
     state = rng._STATE.get()
     if state is not None and len(state.seeds) == n:
-        return state.seeds.to(torch.int64)
-    return torch.arange(n, dtype=torch.int64)
+        return state.seeds.to(torch.int64), int(state.call), isinstance(state, rng._RowsState)
+    return torch.arange(n, dtype=torch.int64), None, False
 
 
 class PreviousStepGuidance:
@@ -52,11 +57,29 @@ class PreviousStepGuidance:
         resets that image anyway)."""
         self._seeds = None   # [M] sorted int64; per seed: last level and prediction, the one before (if any)
         self._sig_last = self._d_last = self._sig_prev = self._d_prev = self._has_prev = None
+        self._call_last = None   # [M] int64: the sampler call of each seed's last prediction (-1: none known)
 
-    def _slots(self, seeds: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _one_row_per_image(seeds: torch.Tensor, passes: bool, twice: Optional[int] = None) -> None:
+        """Refuse a call in which an image has more than one row (or a second call within one sampler call): the
+        state is one prediction per image, so the rows of two passes would overwrite and read each other's."""
+        if twice is None:
+            u, c = torch.unique(seeds, return_counts=True)
+            if not bool((c > 1).any()):
+                return
+            twice = int(u[c > 1][0])
+        if passes:
+            raise ValueError(f"PreviousStepGuidance is the net of several passes of another guided denoiser (image "
+                             f"seed {twice} has a row in more than one pass of one denoiser call, e.g. "
+                             "cfg(PreviousStepGuidance(net, w)): its conditional and unconditional passes), but it "
+                             "keeps one previous prediction per image; guide the combination instead: "
+                             "PreviousStepGuidance(cfg(net, w_cfg), w)")
+        raise ValueError(f"PreviousStepGuidance got image seed {twice} in more than one row of a call: it keeps one "
+                         "previous prediction per image, so give each image its own seed (sample with seeds=...)")
+
+    def _slots(self, seeds: torch.Tensor, D: torch.Tensor, passes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """State indices of `seeds` (added if new) and a mask of the seeds seen before."""
-        if len(torch.unique(seeds)) != len(seeds):
-            raise ValueError("PreviousStepGuidance needs distinct image seeds per call (sample with seeds=...)")
+        self._one_row_per_image(seeds, passes)
         if self._seeds is None:
             order = torch.argsort(seeds)
             self._seeds = seeds[order]
@@ -65,6 +88,7 @@ class PreviousStepGuidance:
             self._d_last = torch.zeros((len(seeds), *D.shape[1:]), dtype=D.dtype, device=D.device)
             self._d_prev = torch.zeros_like(self._d_last)
             self._has_prev = torch.zeros(len(seeds), dtype=torch.bool)
+            self._call_last = torch.full((len(seeds),), -1, dtype=torch.int64)
             return torch.argsort(order), torch.zeros(len(seeds), dtype=torch.bool)
         pos = torch.searchsorted(self._seeds, seeds).clamp_max(len(self._seeds) - 1)
         known = self._seeds[pos] == seeds
@@ -79,6 +103,7 @@ class PreviousStepGuidance:
             self._d_last = torch.cat([self._d_last, torch.zeros((k, *D.shape[1:]), dtype=D.dtype)])[order]
             self._d_prev = torch.cat([self._d_prev, torch.zeros((k, *D.shape[1:]), dtype=D.dtype)])[order]
             self._has_prev = torch.cat([self._has_prev, torch.zeros(k, dtype=torch.bool)])[order]
+            self._call_last = torch.cat([self._call_last, torch.full((k,), -1, dtype=torch.int64)])[order]
             pos = torch.searchsorted(self._seeds, seeds)
         return pos, known
 
@@ -87,9 +112,15 @@ class PreviousStepGuidance:
         sigma = as_sigma(sigma, x)
         D = self.net(x, sigma, labels)
         self.stats["main"] += len(x)
-        j, known = self._slots(_row_seeds(len(x)), D)
+        seeds, call, passes = _row_seeds(len(x))
+        j, known = self._slots(seeds, D, passes)
         s = sigma.to(torch.float64).cpu()
         s_last = self._sig_last[j]
+        if call is not None:         # another pass of this denoiser call saw the image (same call, same level)
+            again = known & (self._call_last[j] == call) & (s == s_last)
+            if bool(again.any()):
+                self._one_row_per_image(seeds, passes, int(seeds[again][0]))
+        self._call_last[j] = -1 if call is None else call
         down = known & (s < s_last)                     # a new, cleaner level: the bad one is the last prediction
         same = known & (s == s_last)                    # the same level again (Heun): the one before it
         bad = torch.where(_rows(down, D), self._d_last[j], self._d_prev[j])

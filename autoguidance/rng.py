@@ -300,18 +300,24 @@ def dropout_scale(keys: torch.Tensor, shape: Sequence[int], p: torch.Tensor) -> 
     return DropoutMasks(p).scale(keys, shape)
 
 
-def as_seeds(seeds) -> torch.Tensor:
-    """Seeds as an int64 `[N]` tensor (accepts a range, a list of ints, or a 1-D integer tensor)."""
+def as_seeds(seeds, what: str = "seeds") -> torch.Tensor:
+    """Image seeds as an int64 `[N]` tensor (accepts a range, a list of ints, or a 1-D integer tensor), each >= 0:
+    an image seed is a `torch.Generator` seed (and names the image's PNG). The one check of seeds for every entry
+    point (samplers, `generate`, pipelines, the guider, the command line); `what` names them in the error."""
     if isinstance(seeds, torch.Tensor):
         t = seeds
     elif isinstance(seeds, Iterable) and not isinstance(seeds, (str, bytes)):
         seeds = list(seeds)
         t = torch.as_tensor(seeds) if seeds else torch.zeros(0, dtype=torch.int64)   # [] is not a float list
     else:
-        raise TypeError(f"seeds must be a sequence of integers (e.g. range(100)), got {type(seeds).__name__}")
-    if t.ndim != 1 or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"seeds must be a 1-D sequence of integers, got dtype {t.dtype} and shape {list(t.shape)}")
-    return t.to(torch.int64)
+        raise TypeError(f"{what} must be a sequence of integers (e.g. range(100)), got {type(seeds).__name__}")
+    if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must be a 1-D sequence of integers, got dtype {t.dtype} and shape {list(t.shape)}")
+    t = t.to(torch.int64)
+    if len(t) and bool((t < 0).any()):
+        raise ValueError(f"{what} must be integers >= 0 (one image seed each, as torch.Generator.manual_seed takes), "
+                         f"got {int(t.min())}")
+    return t
 
 
 class StackedGenerators:

@@ -306,8 +306,6 @@ def generate(D: Callable, seeds, shape: Sequence[int], *, labels: Optional[torch
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
     seeds = as_seeds(seeds)
-    if len(seeds) and int(seeds.min()) < 0:
-        raise ValueError(f"seeds must be integers >= 0 (one image each), got {int(seeds.min())}")
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)) or not len(shape) \
             or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in shape):
         raise ValueError(f"shape must be one sample's shape, a non-empty sequence of positive integers such as [2] "

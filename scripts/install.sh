@@ -27,6 +27,8 @@ if [ "${1:-}" = "test" ]; then
   $VPIP install -q accelerate==1.16.0
   # The FDG rule's anchor (diffusers' FrequencyDecoupledGuidance) builds its pyramid with kornia (no torchvision).
   $VPIP install -q kornia==0.9.0
+  # peft: the LoRA test builds a tiny adapter (unet.add_adapter) to check that its dropout is not a default site
+  $VPIP install -q peft==0.21.2
 else
   $VPIP install -q -e .
 fi

@@ -13,7 +13,10 @@ writes every number to `--json`. For each kind:
   `pipe.enable_model_cpu_offload(device="cpu")`, CFG + in-situ, against the same block without offload;
 - model calls per step and rows per call: the pipeline's own CFG, and the library's CFG + in-situ dropout;
 - every perturbation of `autoguidance.methods.PERTURBATIONS` (and skip layers, block 0) with its default
-  sites, at CFG: 'ok' with the max image change it makes, 'no effect' (change < 1e-6), or the error's first words;
+  sites, at CFG: the max image change it makes, 'none' (change < 1e-6), 'refused: FLAG' where it has no default
+  sites on the model and says which flag to pass (`where=`, `blocks=`, `layers=`), or 'fails' (any other error);
+  and token shuffle (TPG, which has no default sites) on the first block of the model's block list;
+- an image alone against the same image in a batch of two (CFG + in-situ, the same seed): float rounding only;
 - CPU time of the library's CFG and of CFG + in-situ, as ratios to the pipeline's own CFG, timed interleaved in
   one run (median of `--repeats`): the overhead of the adapter on models too small for compute to dominate, not
   a speed claim for real models.
@@ -37,8 +40,11 @@ import torch  # noqa: E402
 
 BEGIN, END = "<!-- pipelines-table:begin -->", "<!-- pipelines-table:end -->"
 #: strengths for the perturbation column: the CLI's --p default 0.1, identity attention and SEG at full strength,
-#: block drop at 0.5 (a tiny U-Net has few blocks: at 0.1 two images of two steps often drop none)
-STRENGTH = {"identityattention": 1.0, "seg": 10.0, "blockdrop": 0.5}
+#: block drop at 1 (every default block dropped in the guide pass: the tiny models have two to eight blocks, so at
+#: a lower rate two images of two steps may drop none, and the column would not show whether the sites act)
+STRENGTH = {"identityattention": 1.0, "seg": 10.0, "blockdrop": 1.0}
+#: the flags a deliberate refusal names (a perturbation without default sites on a model)
+FLAGS = ("where=", "blocks=", "layers=")
 
 
 
@@ -70,13 +76,35 @@ def per_step(rows: list, steps: int) -> str:
     return f"{len(rows) / steps:g} x {'/'.join(str(s) for s in sizes)}"
 
 
-def perturbations():
+def first_block(model) -> str:
+    """The path of the first block of the block list `SkipLayers` picks by default; a U-Net (several lists, no
+    default): its mid block."""
+    from autoguidance.perturb import SiteError, SkipLayers
+
+    try:
+        return SkipLayers(layers=[0]).sites(model)[0][0]
+    except SiteError:
+        return "mid_block"
+
+
+def perturbations(model):
     from autoguidance.adapters.pipeline import make_pipeline_perturbation
     from autoguidance.methods import PERTURBATIONS
 
     out = {name: (lambda n=name: make_pipeline_perturbation(n, STRENGTH.get(n, 0.1))) for name in PERTURBATIONS}
     out["skiplayers"] = lambda: make_pipeline_perturbation("skiplayers", 0.0, layers=[0])
+    out["tokenshuffle@block0"] = lambda: make_pipeline_perturbation("tokenshuffle", 0.0, where=first_block(model))
     return out
+
+
+def outcome(error: Exception) -> dict:
+    """A perturbation's failure: 'refused' (a SiteError or ValueError naming the flag to pass), else 'fails'."""
+    from autoguidance.perturb import SiteError
+
+    msg = f"{type(error).__name__}: {error}"
+    flags = [f for f in FLAGS if f in str(error)]
+    refused = isinstance(error, (SiteError, ValueError)) and bool(flags) and "\n" not in str(error)
+    return {"runs": False, "refused": flags[0] if refused else None, "error": msg[:200]}
 
 
 def measure_kind(kind: str, steps: int, repeats: int) -> dict:
@@ -123,15 +151,19 @@ def measure_kind(kind: str, steps: int, repeats: int) -> dict:
             ref_2nd = [run(seed=s, **tiny.cfg_options(kind)) for s in (20, 30)]
         row["cfg_insitu_calls"] = per_step(ins_rows, ran)
         row["cfg_insitu_changes_images"] = float(abs(cfg_insitu - own_cfg).max())
+        one = {k: v[:1] if k == "negative_prompt" else v for k, v in tiny.cfg_options(kind).items()}
+        with guided_pipeline(pipe, **dict(insitu, seeds=[0])):            # image 0 alone: its seed, its generator
+            alone = tiny.images(pipe(**tiny.inputs(kind, n=1, steps=steps, **one)))
+        row["alone_vs_batch"] = float(abs(alone[0] - cfg_insitu[0]).max())
         row["perturbations"] = {}
-        for name, make in perturbations().items():
+        for name, make in perturbations(tiny.model_of(pipe)).items():
             try:
                 with guided_pipeline(pipe, "perturbation", w=2.0, perturbation=make(), seeds=[0, 1]):
                     out = run(**tiny.cfg_options(kind))
                 d = float(abs(out - own_cfg).max())
                 row["perturbations"][name] = {"runs": True, "changes_images": d}
             except Exception as e:  # noqa: BLE001 - the table records what fails, and how
-                row["perturbations"][name] = {"runs": False, "error": f"{type(e).__name__}: {e}"[:160]}
+                row["perturbations"][name] = outcome(e)
         # CPU time, interleaved: the pipeline's own CFG, the library's CFG, the library's CFG + in-situ
         times = {"own": [], "lib": [], "insitu": []}
         for _ in range(repeats):
@@ -185,31 +217,44 @@ def markdown(rows: list, meta: dict) -> str:
                      f"{_num(r['w1_vs_own'])} | {_num(r['cfg_vs_own'])} | {_num(r['rescale_vs_own'])} | "
                      f"{_num(r['same_seed_vs_own'])} | {_num(r['offload_vs_without'])} |")
     lines += ["", "**Calls, cost and perturbations.** Library calls/step x rows: its CFG, and CFG + in-situ "
-              "dropout (w = 2, p = 0.1 at the model's `nn.Dropout` modules). Time: CPU seconds of the pipeline's own "
+              "dropout (w = 2, p = 0.1 at the model's `nn.Dropout` modules). Alone: image 0 of CFG + in-situ made "
+              "alone against the same image in the batch of two (the same seed and generator): the float rounding of "
+              "the model's kernels at another batch size. Time: CPU seconds of the pipeline's own "
               f"CFG call, and the library's CFG and CFG + in-situ as ratios to it (median of {meta['repeats']}, "
               "interleaved, one run): adapter overhead on tiny models, not a speed claim. Perturbations: each of "
-              "`autoguidance.methods.PERTURBATIONS` with its default sites (strength 0.1; identity attention 1, SEG 10, "
-              "block drop 0.5; skiplayers: block 0), w = 2 at CFG: the max image change it makes, 'none' when it runs and changes nothing (< 1e-6), 'fails' (the errors are "
-              "listed below the table).", "",
-              "| kind | library CFG | CFG + in-situ | own CFG s | CFG ratio | CFG + in-situ ratio | "
+              "`autoguidance.methods.PERTURBATIONS` with its default sites (strength 0.1; identity attention 1, SEG "
+              "10, block drop 1; skiplayers: block 0 of the default block list), and token shuffle on the first "
+              "block of the model's block list (a U-Net: its mid block), w = 2 at CFG: the max image change it makes, "
+              "'none' when it runs and changes nothing (< 1e-6), 'refused: FLAG' where the perturbation has no "
+              "default sites on the model and its one-line error names the flag to pass, 'fails' for any other "
+              "error (the messages are listed below the table).", "",
+              "| kind | library CFG | CFG + in-situ | alone | own CFG s | CFG ratio | CFG + in-situ ratio | "
               + " | ".join(names) + " |",
-              "|---|---|---|---|---|---|" + "---|" * len(names)]
+              "|---|---|---|---|---|---|---|" + "---|" * len(names)]
     errors: dict = {}
+    refusals: dict = {}
     for r in rows:
         cells = []
         for n in names:
             p = r["perturbations"][n]
             if not p["runs"]:
-                cells.append("fails")
-                errors.setdefault(p["error"], []).append(f"{r['kind']}/{n}")
+                if p.get("refused"):
+                    cells.append(f"refused: `{p['refused']}`")
+                    refusals.setdefault(p["error"], []).append(f"{r['kind']}/{n}")
+                else:
+                    cells.append("fails")
+                    errors.setdefault(p["error"], []).append(f"{r['kind']}/{n}")
             else:
                 cells.append("none" if p["changes_images"] < 1e-6 else f"{p['changes_images']:.0e}")
-        lines.append(f"| {r['kind']} | {r['lib_cfg_calls']} | {r['cfg_insitu_calls']} | {r['seconds_own_cfg']:.3f} | "
-                     f"{r['ratio_lib_cfg']:.2f} | {r['ratio_cfg_insitu']:.2f} | " + " | ".join(cells) + " |")
-    if errors:
-        lines += ["", "Failures, by error:", ""]
-        for err, where in sorted(errors.items(), key=lambda kv: -len(kv[1])):
-            lines.append(f"- {', '.join(where)}: `{err}`")
+        lines.append(f"| {r['kind']} | {r['lib_cfg_calls']} | {r['cfg_insitu_calls']} | {_num(r['alone_vs_batch'])} | "
+                     f"{r['seconds_own_cfg']:.3f} | {r['ratio_lib_cfg']:.2f} | {r['ratio_cfg_insitu']:.2f} | "
+                     + " | ".join(cells) + " |")
+    for title, found in (("Refusals (no default sites: the flag to pass), by message", refusals),
+                         ("Failures, by error", errors)):
+        if found:
+            lines += ["", f"{title}:", ""]
+            for err, where in sorted(found.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"- {', '.join(where)}: `{err}`")
     lines += ["", END]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import autoguidance as ag
 from autoguidance.guidance import Guided, Guide, Pass, perturbation_guidance
 from autoguidance.guides import PreviousStepGuidance, SlidingWindow, window_starts
 from autoguidance.methods import make_perturbation
@@ -220,14 +221,18 @@ def test_sg_prev_uses_previous_level_per_image_and_is_batch_independent():
     calls = []
     G = PreviousStepGuidance(lambda x, s, l=None: (calls.append(s.clone()), D(x, s))[1], 3.0)
     x = torch.randn(2, 2)
-    with torch.no_grad(), noise_context(torch.tensor([7, 8]), 0):
-        first = G(x, torch.full((2,), 2.0))
+    seeds = torch.tensor([7, 8])
+    with torch.no_grad():                              # one noise context per denoiser call, as the samplers make
+        with noise_context(seeds, 0):
+            first = G(x, torch.full((2,), 2.0))
         assert torch.equal(first, D(x, torch.full((2,), 2.0)))             # nothing earlier: unguided
         d_prev = D(x, torch.full((2,), 2.0))
-        got = G(x, torch.full((2,), 1.0))
+        with noise_context(seeds, 1):
+            got = G(x, torch.full((2,), 1.0))
         hand = D(x, torch.ones(2)) + 2 * (D(x, torch.ones(2)) - d_prev)
         assert torch.allclose(got, hand, atol=1e-6)
-        again = G(x, torch.full((2,), 1.0))                                  # Heun re-evaluates a level
+        with noise_context(seeds, 2):
+            again = G(x, torch.full((2,), 1.0))                              # Heun re-evaluates a level
         assert torch.allclose(again, hand, atol=1e-6)
     # batch-size independence: the same seeds sampled in two batches or one give the same images
     sig = sigmas_karras(6, 0.01, 3.0, 7.0)
@@ -242,6 +247,24 @@ def test_sg_prev_uses_previous_level_per_image_and_is_batch_independent():
     assert torch.allclose(sample_heun(G1, x0.clone(), sig, seeds=torch.arange(4), progress=False), one, atol=1e-6)
     G1.reset()
     assert G1._seeds is None
+
+
+def test_sg_prev_as_the_net_of_several_passes_is_refused_naming_the_cause():
+    """cfg(PreviousStepGuidance(net)) would give an image's conditional and unconditional rows one shared previous
+    prediction (issue 21 leftover: it was refused as "needs distinct image seeds", and with max_batch splitting the
+    passes into calls it ran silently wrong); SG-prev over the CFG combination composes."""
+    D = _toy_denoiser()
+    sig = sigmas_karras(4, 0.01, 3.0, 7.0)
+    x0 = torch.randn(2, 2) * 3
+    for max_batch in (None, 2):                        # one call of both passes; or one call per pass
+        G = ag.cfg(PreviousStepGuidance(D, 2.0), 2.0, uncond_labels=torch.zeros(1), max_batch=max_batch)
+        with pytest.raises(ValueError, match=r"net of several passes.*PreviousStepGuidance\(cfg\(net, w_cfg\), w\)"):
+            sample_heun(G, x0.clone(), sig, labels=torch.ones(2, 1), seeds=[0, 1], progress=False)
+    outer = PreviousStepGuidance(ag.cfg(D, 2.0, uncond_labels=torch.zeros(1)), 2.0)
+    out = sample_heun(outer, x0.clone(), sig, labels=torch.ones(2, 1), seeds=[0, 1], progress=False)
+    assert torch.isfinite(out).all() and outer.stats["guided_rows"] > 0
+    with pytest.raises(ValueError, match="give each image its own seed"):
+        sample_heun(PreviousStepGuidance(D, 2.0), x0.clone(), sig, seeds=[3, 3], progress=False)
 
 
 # -- SWG -----------------------------------------------------------------------------------------------------------

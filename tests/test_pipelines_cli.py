@@ -45,6 +45,31 @@ def test_pipe_writes_pngs_grid_and_record_and_resumes(sd_folder, tmp_path):
     assert main(bad) == 2
 
 
+def test_pipe_resume_remakes_pngs_that_do_not_decode_to_their_image(sd_folder, tmp_path):
+    """As `autoguidance sample`'s resume: a kept PNG must decode to the image recorded for its seed. A truncated PNG
+    and another seed's image are made again even where images.json's file hash was rewritten to match them (the
+    file hash alone kept both before)."""
+    import hashlib
+
+    out = tmp_path / "out"
+    argv = ["pipe", str(sd_folder), "--prompt", "a cat", "--seeds", "0-2", "--steps", "2", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    png = {s: out / "png" / f"{s:06d}.png" for s in range(3)}
+    first = {s: p.read_bytes() for s, p in png.items()}
+    assert first[0] != first[1]
+    png[0].write_bytes(first[0][: len(first[0]) // 2])                  # truncated
+    png[1].write_bytes(first[2])                                        # a sound PNG of another image
+    index = json.loads((out / "images.json").read_text())
+    for s in (0, 1):
+        index[str(s)]["sha256"] = hashlib.sha256(png[s].read_bytes()).hexdigest()
+    (out / "images.json").write_text(json.dumps(index))
+    assert main(argv) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["images_made"] == 2 and rec["images_skipped"] == 1
+    assert {s: p.read_bytes() for s, p in png.items()} == first
+
+
 def test_pipe_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "junk").mkdir()
     proc = subprocess.run([sys.executable, "-m", "autoguidance.cli", "pipe", str(tmp_path / "junk"), "--prompt", "x",

@@ -49,6 +49,24 @@ def test_seeds_parse_and_format():
             parse_seeds(bad)
 
 
+def test_negative_seeds_are_refused_by_the_one_check_of_every_entry_point():
+    """Seeds are torch.Generator seeds (and PNG names): `rng.as_seeds` refuses negative ones, and every entry point
+    goes through it (the command line's parse_seeds accepted '-1' and '3,-2', issue 21 leftover)."""
+    import autoguidance as ag
+    from autoguidance.rng import as_seeds, noise_context
+
+    for text in ("-1", "3,-2", "0-2,-5"):
+        with pytest.raises(ValueError, match=r"--seeds must be integers >= 0 .*got -\d"):
+            parse_seeds(text)
+    with pytest.raises(ValueError, match=r"^seeds must be integers >= 0 .*got -3$"):
+        as_seeds([0, -3])
+    with pytest.raises(ValueError, match=r"seeds must be integers >= 0"):
+        ag.generate(lambda x, s, l=None: x, [1, -1], [2], num_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"seeds must be integers >= 0"):
+        noise_context([-1], 0)
+    assert as_seeds(range(3)).tolist() == [0, 1, 2] and parse_seeds("0") == [0]
+
+
 def test_method_spec_round_trips_toml_and_json():
     spec = MethodSpec(net="toy-denoiser-main", method="cfg-interval", w=2.1, interval=(0.28, 2.9), steps=12)
     assert MethodSpec.from_toml(spec.to_toml()) == spec

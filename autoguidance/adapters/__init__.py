@@ -10,8 +10,9 @@ wrappers (`DiscreteEpsDDPMDenoiser`, ...) need no adapter: guidance passes a con
 forward takes `**kwargs` as keyword arguments, and guided denoisers run in k-diffusion's samplers as they are.
 
 Adapters import their library only when used, so `import autoguidance` never needs them. Importing this package
-tells the perturbations (`autoguidance.perturb`) where each library's module rules live (skip paths, attention):
-they are loaded the first time a perturbation meets a module of that library. The core never imports an adapter.
+tells the perturbations (`autoguidance.perturb`) where each library's module rules live (skip paths, attention;
+peft's adapter layers, whose own modules default sites leave out): they are loaded the first time a perturbation
+meets a module of that library. The core never imports an adapter.
 """
 from ..perturb import register_rule_provider
 
@@ -27,7 +28,13 @@ def _diffusers_rules() -> None:
     register_rules()
 
 
+def _peft_rules() -> None:
+    from .peft_layers import register_rules
+    register_rules()
+
+
 register_rule_provider("diffusers.", _diffusers_rules)
+register_rule_provider("peft.", _peft_rules)
 
 
 def __getattr__(name: str):

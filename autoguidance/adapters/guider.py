@@ -39,10 +39,10 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..rng import mix_keys
+from ..rng import as_seeds, mix_keys
 from ..rules import Linear, as_rule, combine, rule_record
 from ..schedules import Interval, as_schedule, check_weight
-from .diffusers.model_call import image_seeds, step_salt
+from .diffusers.model_call import step_salt
 from .pipeline import KEYLESS_PERTURBATIONS, make_pipeline_perturbation
 from .diffusers.schedules import VPSchedule, is_flow_scheduler
 
@@ -97,7 +97,7 @@ class AutoguidanceGuider(BaseGuidance):
         self.guidance_scale = check_weight(guidance_scale, "AutoguidanceGuider guidance_scale")
         self.perturbation = make_pipeline_perturbation(
             perturbation, p, where if where is None or isinstance(where, str) else ",".join(where), layers)
-        self._seeds = image_seeds(seeds, "AutoguidanceGuider seeds") if seeds is not None else None
+        self._seeds = as_seeds(seeds, "AutoguidanceGuider seeds") if seeds is not None else None
         self._vp = None
         if schedule == "vp":
             from diffusers import DDPMScheduler

@@ -72,11 +72,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..guidance import Guided, Pass
-from ..perturb import Dropout, Perturbation
-from ..rng import SamplingRun
+from ..perturb import Dropout, Perturbation, check_not_compiled
+from ..rng import SamplingRun, as_seeds
 from ..rules import Linear, Rule, as_rule
 from ..schedules import Interval, Schedule, ScheduleLike, as_schedule, check_weight
-from .diffusers.model_call import GuidedModelCall, PipelineScale, check_guide_model, image_seeds
+from .diffusers.model_call import GuidedModelCall, PipelineScale, check_guide_model
 from .pipeline_cfg import (CFG_LAYOUTS, cfg_hint, loop_step, pipeline_frame, read_call, same_tensor,
                            seeds_from_generator)
 
@@ -214,6 +214,7 @@ class GuidedPipeline:
         self._calls: list = []
         for name, model in experts:
             g = guides_of.get(name)
+            check_not_compiled(model, "guided_pipeline", f"pipe.{name}")
             inner = _own_forward(model)
             call = GuidedModelCall(model, pipe.scheduler, prediction_type=prediction_type,
                                    guide_models=[g] if g is not None else [], forward=inner, rule=self.rule)
@@ -248,7 +249,7 @@ class GuidedPipeline:
 
     @seeds.setter
     def seeds(self, seeds) -> None:
-        self._seeds = image_seeds(seeds) if seeds is not None else None
+        self._seeds = as_seeds(seeds) if seeds is not None else None
 
     # -- the method --------------------------------------------------------------------------------------------
     def _guide_models(self, experts, method, guide) -> dict:

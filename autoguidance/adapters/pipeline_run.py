@@ -3,14 +3,18 @@
     pipeline_to_folder("sd-folder", "out", seeds=range(8), method="insitu", w=3.0, prompt="a cat")
 
 Layout of `out`: `png/SEED.png` (one image per seed), `grid.png` (every seed's image, row-major, in seed order),
-`images.json` (seed -> the run identity and the sha256 of its PNG), `run.json` (the command, the resolved config,
-versions, seeds, world size). A rerun skips seeds whose PNG exists, hashes as recorded and carries the run's
-identity (a digest of the config: pipeline folder, prompt(s), method, steps, the guidance scales used, ...); a
+`images.json` (seed -> the run identity, the sha256 of its PNG file and of its pixels), `run.json` (the command, the
+resolved config, versions, seeds, world size). A rerun keeps a seed's PNG only where it decodes to the image
+recorded for it (`runs.shards.png_holds`: a missing, truncated, corrupt or other image is made again) and its record
+carries the run's identity (a digest of the config: pipeline folder, prompt(s), method, steps, the guidance scales
+used, ...); a
 folder whose run.json records another config is refused, unless it holds no image yet (a run that failed before
 its first image does not lock the folder against the corrected rerun). With a prompt file, seed s gets prompt
 `s mod P`. The folder is locked while a run writes to it. Under torchrun, seed i goes to rank
-i mod world size; rank 0 writes the grid and run.json at the end. Image i depends only on its seed (its own
-generator and perturbation keys), so the images do not depend on the batch or the process count.
+i mod world size; rank 0 writes the grid and run.json at the end. Image i's noise and perturbation keys depend only
+on its seed (its own generator), so the images do not depend on the batch or the process count beyond the float
+rounding of the model's kernels, which may sum in another order at another batch size (a pixel can then round to
+the next level of 255; at the same `--batch` reruns are byte-identical).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from ..runs import dist
 from ..runs.files import clean_temp, write_json
 from ..runs.lock import lock_run
 from ..runs.record import check_out, check_resume, command_line, identity_of, run_record
-from ..runs.shards import write_png
+from ..runs.shards import pixels_digest, png_holds, read_png, write_png
 
 __all__ = ["pipeline_to_folder", "load_pipeline", "read_prompts", "NOT_A_PIPELINE"]
 
@@ -183,16 +187,16 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
     'images', 'seconds'}` of this rank. Call `dist.init()` first under torchrun."""
     import tqdm
 
+    from ..rng import as_seeds
     from ..rules import Linear, as_rule, rule_record
     from ..schedules import StepList, StepWindow
-    from .diffusers.model_call import image_seeds
     from .pipeline import guided_pipeline, make_pipeline_perturbation
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ValueError(NOT_A_PIPELINE.format(dir=folder))
     out = check_out(out)
-    seeds = [int(s) for s in image_seeds(list(seeds), "--seeds").tolist()]
+    seeds = [int(s) for s in as_seeds(list(seeds), "--seeds").tolist()]
     if batch < 1:
         raise ValueError(f"--batch must be a positive number of images per pipeline call, got {batch}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -291,8 +295,11 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
         def done(s):
             png = out / "png" / f"{s:06d}.png"
             rec = index.get(str(s))
-            return png.exists() and isinstance(rec, dict) and rec.get("identity") == identity \
-                and rec.get("sha256") == _sha(png)
+            if not (isinstance(rec, dict) and rec.get("identity") == identity):
+                return False
+            if "pixels" in rec:                          # it decodes to the image made for this seed
+                return png_holds(png, rec["pixels"])
+            return png.exists() and rec.get("sha256") == _sha(png) and read_png(png) is not None   # older record
 
         todo = [s for s in mine if not done(s)]
         skipped = len(mine) - len(todo)
@@ -315,8 +322,10 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                         images = pipe([prompt_list[s % len(prompt_list)] for s in chunk], **kw).images
                     for s, img in zip(chunk, np.asarray(images)):
                         png = out / "png" / f"{s:06d}.png"
-                        write_png(png, np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8))
-                        mine_index[str(s)] = {"identity": identity, "sha256": _sha(png)}
+                        pixels = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+                        write_png(png, pixels)
+                        mine_index[str(s)] = {"identity": identity, "sha256": _sha(png),
+                                              "pixels": pixels_digest(pixels)}
                     if world == 1:
                         index.update(mine_index)
                         write_json(index_path, index)
@@ -335,10 +344,7 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                     part.unlink()
             index.update(mine_index)
             write_json(index_path, index)
-            from PIL import Image
-
-            imgs = [np.asarray(Image.open(out / "png" / f"{s:06d}.png").convert("RGB")) for s in seeds]
-            write_png(out / "grid.png", _grid(imgs))
+            write_png(out / "grid.png", _grid([read_png(out / "png" / f"{s:06d}.png") for s in seeds]))
             write_json(out / "run.json", run_record(config, seeds, args, status="complete", identity=identity,
                                                     images_made=len(todo), images_skipped=skipped,
                                                     seconds_rank0=round(seconds, 3)))

@@ -34,8 +34,6 @@ def _run(args) -> int:
     from ..adapters.pipeline_run import pipeline_to_folder, read_prompts
 
     seeds = parse_seeds(args.seeds)
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds must be >= 0 (one image seed each; PNGs are named by seed), got {min(seeds)}")
     if args.steps < 1:
         raise ValueError(f"--steps must be a positive number of denoising steps, got {args.steps}")
     interval = parse_floats(args.interval, 2, "--interval") if args.interval else None

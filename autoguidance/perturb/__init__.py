@@ -21,6 +21,11 @@ The perturbations (each strength a number or a `Schedule` of sigma, so p(sigma) 
     NoisierLevel(k)                  D(x; (1 + k) s): the net told a noisier level than its input (self-guidance)
     SkipLayers(layers, blocks)       chosen blocks of a block list return their input (skip-layer guidance, SD3.5)
 
+Default sites leave out what is not the model's own: an adapter's modules (a peft LoRA's `lora_dropout`,
+`lora_A`, `lora_B`: `register_adapter_layer`; name them with `where=` to include them) and calls that fold another
+axis into the batch (`register_folded_batch`). Perturbations on image tokens read the token grid from the nearest
+enclosing module with a `register_token_grid` rule.
+
 Choosing where (`where=`):
     torch.nn.Dropout              every module of a type (or a tuple of types)
     "trunk.act*"                  a glob on module paths
@@ -28,20 +33,22 @@ Choosing where (`where=`):
 Use `list_sites(model)` (or `autoguidance sites MODEL`) to see the candidates.
 """
 from .attention import IdentityAttention, register_identity_attention
-from .base import Hook, Perturbation, check_nonnegative, check_rate
+from .base import Hook, Perturbation, check_nonnegative, check_not_compiled, check_rate
 from .blocks import BlockDrop, register_skip_path
 from .dropout import Dropout
 from .input_noise import InputNoise
-from .sites import SiteError, Where, find_sites, list_sites, register_rule_provider
+from .sites import (SiteError, Where, find_sites, list_sites, register_adapter_layer, register_folded_batch,
+                    register_rule_provider, register_token_grid)
 from .skip_layer import SkipLayers, block_lists, register_block_inputs
 from .weight_noise import WeightNoise
-from .seg import SmoothedAttention, register_smoothed_attention
-from .tokens import TokenShuffle
+from .seg import SmoothedAttention, register_query_projection, register_smoothed_attention
+from .tokens import TokenShuffle, register_image_output
 from .self_guidance import NoisierLevel
 from ..rng import dropout_keep
 
 __all__ = ["Perturbation", "Hook", "Dropout", "BlockDrop", "InputNoise", "WeightNoise", "IdentityAttention",
            "find_sites", "list_sites", "register_skip_path", "register_identity_attention", "register_rule_provider",
-           "dropout_keep", "Where", "SiteError", "check_nonnegative", "check_rate",
-           "SmoothedAttention", "register_smoothed_attention", "TokenShuffle", "NoisierLevel",
-           "SkipLayers", "block_lists", "register_block_inputs"]
+           "dropout_keep", "Where", "SiteError", "check_nonnegative", "check_rate", "check_not_compiled",
+           "SmoothedAttention", "register_smoothed_attention", "register_query_projection", "TokenShuffle",
+           "register_image_output", "NoisierLevel", "SkipLayers", "block_lists", "register_block_inputs",
+           "register_adapter_layer", "register_folded_batch", "register_token_grid"]

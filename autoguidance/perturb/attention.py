@@ -9,7 +9,7 @@ import torch
 
 from ..schedules import Schedule, as_schedule
 from .base import Hook, Perturbation, _RowSet, _rows_like, check_rate
-from .sites import RuleRegistry, Where, default_sites, find_sites
+from .sites import RuleRegistry, Where, default_sites, find_sites, site_predicate
 
 __all__ = ["IdentityAttention", "register_identity_attention"]
 
@@ -18,26 +18,27 @@ __all__ = ["IdentityAttention", "register_identity_attention"]
 @dataclass(frozen=True)
 class _AttentionRule:
     identity: Callable   # fn(module, args, kwargs) -> (output with identity attention, batch axis of that output)
-    is_self_attention: Callable[[torch.nn.Module], bool]
+    is_self_attention: Callable[[torch.nn.Module, str], bool]   # (module, path) -> a default site?
 
 
 _IDENTITY_ATTENTION = RuleRegistry()
 
 
 def register_identity_attention(module_type: type, fn: Callable,
-                                is_self_attention: Callable[[torch.nn.Module], bool] = lambda m: True) -> None:
+                                is_self_attention: Callable[..., bool] = lambda m: True) -> None:
     """Teach `IdentityAttention` an attention module type: `fn(module, args, kwargs)` gets the module's forward
     arguments and returns `(output, batch_axis)`, the module's (first) output computed with the attention map
-    replaced by the identity, i.e. from the values alone. `is_self_attention(module)` picks default sites. A module
-    may instead define a method `identity_attention(*args, **kwargs)` returning that output (batch on axis 0)."""
+    replaced by the identity, i.e. from the values alone. `is_self_attention(module)` (or `(module, path)`) picks
+    default sites. A module may instead define a method `identity_attention(*args, **kwargs)` returning that output
+    (batch on axis 0)."""
     if not isinstance(module_type, type) or not callable(fn):
         raise TypeError("register_identity_attention(module_type, fn) needs a class and a callable")
-    _IDENTITY_ATTENTION[module_type] = _AttentionRule(fn, is_self_attention)
+    _IDENTITY_ATTENTION[module_type] = _AttentionRule(fn, site_predicate(is_self_attention))
 
 
 def _attention_rule(module: torch.nn.Module) -> Optional[_AttentionRule]:
     if callable(getattr(module, "identity_attention", None)):
-        return _AttentionRule(lambda m, a, k: (m.identity_attention(*a, **k), 0), lambda m: True)
+        return _AttentionRule(lambda m, a, k: (m.identity_attention(*a, **k), 0), lambda m, path: True)
     return _IDENTITY_ATTENTION.lookup(module)
 
 
@@ -81,9 +82,9 @@ class IdentityAttention(Perturbation):
 
     def sites(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if self.where is None:
-            def accept(m):
+            def accept(m, path):
                 rule = _attention_rule(m)
-                return rule is not None and bool(rule.is_self_attention(m))
+                return rule is not None and bool(rule.is_self_attention(m, path))
             return default_sites(model, accept, "identity attention",
                                   "Name the self-attention modules with where=, or register their type with "
                                   "autoguidance.perturb.register_identity_attention.")

@@ -11,7 +11,7 @@ import torch
 from ..rng import current_state
 from ..schedules import Schedule, _finite
 
-__all__ = ["Perturbation", "Hook", "check_nonnegative", "check_rate"]
+__all__ = ["Perturbation", "Hook", "check_nonnegative", "check_rate", "check_not_compiled"]
 
 #: the `Perturbation.active` blocks entered in this thread / context: a hook acts only on calls made inside the
 #: block that installed it, so another thread calling the same network meanwhile gets the plain network.
@@ -65,6 +65,25 @@ def run_cache() -> Optional[dict]:
 def _is_compiled(model) -> bool:
     """True for a `torch.compile` wrapper (`torch._dynamo.eval_frame.OptimizedModule`)."""
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
+def check_not_compiled(model: torch.nn.Module, what: str, name: str = "") -> None:
+    """Refuse (one line) a network that is, or contains, a compiled module: a `torch.compile(net)` wrapper, or a
+    module compiled in place by `module.compile()` (which sets `_compiled_call_impl`). Hooks added to it after
+    compilation are ignored or force a recompile depending on its call history, and a forward replaced on it is not
+    what the compiled graph runs, so `what` (a perturbation, `guided_pipeline`) cannot act on it. `name` names
+    `model` in the message (`pipe.unet`; default: 'net'). Nothing is compiled or run here."""
+    root = name or "net"
+    for path, m in model.named_modules():
+        where = f"{root}.{path}" if path else root
+        if _is_compiled(m):
+            raise TypeError(f"{what} cannot act on {where}, a torch.compile'd network (its compiled graph ignores "
+                            f"hooks and forwards installed later): pass the uncompiled network {where}._orig_mod, "
+                            "and compile only networks that are not guided")
+        if m.__dict__.get("_compiled_call_impl") is not None:
+            raise TypeError(f"{what} cannot act on {where}, compiled in place by {where}.compile() (its compiled "
+                            "call ignores hooks and forwards installed later): undo it with "
+                            f"`del {where}._compiled_call_impl`, or guide an uncompiled copy")
 
 
 def _rows_like(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -123,14 +142,17 @@ class Hook:
     """A hook a perturbation registers for the duration of `Perturbation.active`.
 
     kind 'forward': `fn(module, args, output)`; 'forward_kwargs': `fn(module, args, kwargs, output)`; both return
-    a replacement output or None. `first`: run before the module's other forward hooks (weight noise replaces the
-    module's own output, which other perturbations of that module then act on). (`_hooks` may also return plain
-    `(module, fn)` pairs: 'forward' hooks.)"""
+    a replacement output or None. 'forward_pre_kwargs': `fn(module, args, kwargs)` before the module runs, returning
+    None (it reads the call, e.g. the token grid of an enclosing module). `first`: run before the module's other
+    hooks of that kind (weight noise replaces the module's own output, which other perturbations of that module then
+    act on). `site`: the module is a perturbed site (prefix sharing stops before it); False for hooks that only
+    read a call. (`_hooks` may also return plain `(module, fn)` pairs: 'forward' hooks.)"""
 
     module: torch.nn.Module
     fn: Callable
     kind: str = "forward"
     first: bool = False
+    site: bool = True
 
 
 class Perturbation:
@@ -211,6 +233,17 @@ class HookScope:
                 self.handles.pop().remove()
 
 
+def _check_compiled_once(model: torch.nn.Module, what: str) -> None:
+    """`check_not_compiled(model, what)`, once per sampling run and model (`run_cache`)."""
+    cache = run_cache()
+    key = ("not-compiled", id(model))
+    if cache is not None and cache.get(key) is model:
+        return
+    check_not_compiled(model, what)
+    if cache is not None:
+        cache[key] = model
+
+
 class _Active(HookScope):
     """The context manager of `Perturbation.active`: installs the hooks on entry, removes them on exit."""
 
@@ -219,17 +252,15 @@ class _Active(HookScope):
     def __init__(self, pert, model, rows, keys, sigma, span):
         super().__init__(_PerturbationToken())
         self.pert, self.model, self.rows, self.keys, self.sigma, self.span = pert, model, rows, keys, sigma, span
-        self.modules: list = []          # the modules hooked (known inside the block)
+        self.modules: list = []          # the perturbed sites hooked (known inside the block)
 
     def __enter__(self) -> None:
         pert, model = self.pert, self.model
         if model is None and type(pert)._hooks is not Perturbation._hooks:
             raise TypeError(f"{type(pert).__name__} hooks into a torch.nn.Module: pass module=<the network> when "
                             "the denoiser is a plain function")
-        if model is not None and _is_compiled(model):
-            raise TypeError(f"{type(pert).__name__} cannot hook into a torch.compile'd network (the compiled graph "
-                            "ignores or keeps hooks depending on its call history): perturb the uncompiled "
-                            "network (net._orig_mod), or compile only the unperturbed net")
+        if model is not None:
+            _check_compiled_once(model, type(pert).__name__)
         hooks = (pert._hooks_span(model, self.span, self.keys, self.sigma)
                  if self.span is not None and _span_hooks_apply(type(pert)) else None)
         if hooks is None:
@@ -243,9 +274,9 @@ class _Active(HookScope):
         handles = self.handles
         try:
             for h in hooks:
-                first = False
+                first, site = False, True
                 if isinstance(h, Hook):
-                    module, fn, kind, first = h.module, h.fn, h.kind, h.first
+                    module, fn, kind, first, site = h.module, h.fn, h.kind, h.first, h.site
                 else:
                     module, fn, *rest = h
                     kind = rest[0] if rest else "forward"
@@ -254,9 +285,14 @@ class _Active(HookScope):
                 elif kind == "forward_kwargs":
                     handles.append(module.register_forward_hook(_owned(fn, token), with_kwargs=True,
                                                                 prepend=first))
+                elif kind == "forward_pre_kwargs":
+                    handles.append(module.register_forward_pre_hook(_owned(fn, token), with_kwargs=True,
+                                                                    prepend=first))
                 else:
-                    raise ValueError(f"unknown hook kind {kind!r}: expected 'forward' or 'forward_kwargs'")
-                self.modules.append(module)
+                    raise ValueError(f"unknown hook kind {kind!r}: expected 'forward', 'forward_kwargs' or "
+                                     "'forward_pre_kwargs'")
+                if site:
+                    self.modules.append(module)
             self.activate()
         except BaseException:
             self.close()

@@ -9,8 +9,8 @@ import torch
 from ..rng import hash_uniform, mix_keys
 from ..schedules import Schedule, as_schedule
 from .base import Hook, Perturbation, _RowSet, _take_rows, check_rate
-from .sites import RuleRegistry, Where, default_sites, find_sites
-from .skip_layer import _BLOCK_INPUTS
+from .sites import RuleRegistry, SiteError, Where, default_sites, find_sites
+from .skip_layer import _BLOCK_INPUTS, pass_inputs
 
 __all__ = ["BlockDrop", "register_skip_path"]
 
@@ -47,7 +47,9 @@ class BlockDrop(Perturbation):
     - path 'auto':  'skip' where the block has a skip-path rule, else 'input'.
 
     No rescaling of the kept blocks (an inference-time degradation, not a training regulariser). Default sites:
-    every module with a skip-path rule (all `EDM2Block`s of an EDM2 net).
+    every module with a skip-path rule (all `EDM2Block`s of an EDM2 net, a diffusers U-Net's `ResnetBlock2D`s);
+    in a model without one, every block whose inputs are known (`register_block_inputs`: the transformer blocks of
+    diffusers' SD3, Flux, DiT, PixArt, Sana, Wan, LTX, CogVideoX), which a dropped row passes through ('input').
     """
 
     p: Union[float, Schedule] = 0.1   # drop rate per block and row, or a Schedule p(sigma)
@@ -62,9 +64,12 @@ class BlockDrop(Perturbation):
 
     def sites(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if self.where is None:
-            return default_sites(model, lambda m: _skip_path_rule(m) is not None, "block drop",
-                                  "Name the residual blocks with where= (a type, a glob, or paths), and use "
-                                  "path='input' for blocks that keep their input's shape.")
+            how = ("Name the residual blocks with where= (a type, a glob, or paths), and use path='input' for blocks "
+                   "that keep their input's shape.")
+            try:
+                return default_sites(model, lambda m, path: _skip_path_rule(m) is not None, "block drop", how)
+            except SiteError:
+                return default_sites(model, lambda m, path: _BLOCK_INPUTS.lookup(m) is not None, "block drop", how)
         return find_sites(model, self.where)
 
     def _hooks(self, model, rows, keys, sigma):
@@ -85,25 +90,12 @@ class BlockDrop(Perturbation):
                                 "autoguidance.perturb.register_skip_path, or use path='input'")
 
             def hook(mod, args, kwargs, out, dropped=dropped, rule=rule, path=path):
-                if isinstance(out, tuple) and rule is None and _BLOCK_INPUTS.lookup(mod) is not None:
-                    # a tuple-returning block (MMDiT, Flux): the dropped rows pass their inputs through
-                    ins = _BLOCK_INPUTS.lookup(mod)(mod, args, kwargs)
-                    rs = _RowSet(dropped)
-                    return tuple(o if o is None or i is None else rs.put(o, rs.take(i).to(o.dtype))
-                                 for o, i in zip(out, ins))
+                if rule is None:                      # path 'input': the dropped rows pass their inputs through
+                    return pass_inputs(mod, args, kwargs, out, _RowSet(dropped), n, path, "block drop path='input'")
                 if not isinstance(out, torch.Tensor) or out.shape[0] != n:
                     raise TypeError(f"block drop site {path!r} ({type(mod).__name__}) must return a tensor with "
                                     f"the batch ({n} rows) on axis 0; choose a residual block module")
-                if rule is not None:
-                    new = rule(mod, *_take_rows(args, dropped, n), **_take_rows(kwargs, dropped, n))
-                else:
-                    x = args[0] if args else None
-                    if not isinstance(x, torch.Tensor) or x.shape[1:] != out.shape[1:]:
-                        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                        raise ValueError(f"block drop path='input' at {path!r}: the block maps {got} to "
-                                         f"{list(out.shape)}, so it cannot return its input; choose blocks that "
-                                         "keep the shape, or give the block a skip path (path='skip')")
-                    new = x[dropped]
+                new = rule(mod, *_take_rows(args, dropped, n), **_take_rows(kwargs, dropped, n))
                 return _RowSet(dropped).put(out, new.to(out.dtype))
 
             hooks.append(Hook(module, hook, "forward_kwargs"))

@@ -13,7 +13,7 @@ from ..rng import (DropoutMasks, _as_u64, _salt_np, _splitmix_np, current_state,
                    dropout_factors_np, mix_keys, mix_keys_np, mix_keys_per_salt, mix_keys_per_salt_np)
 from ..schedules import Schedule, as_schedule, check_probability
 from .base import Perturbation, _RowSet, run_cache
-from .sites import Where, find_sites
+from .sites import Where, default_sites, find_sites
 
 __all__ = ["Dropout"]
 
@@ -22,7 +22,10 @@ class Dropout(Perturbation):
     """Dropout on the outputs of the chosen modules, rescaled by 1/(1-p) (in-situ autoguidance, p = 0.1).
 
     mode 'element' drops single activations (as torch.nn.Dropout); 'channel' drops whole channels (axis 1) of
-    conv features. Default sites: every `torch.nn.Dropout` module (where a net trained with dropout has it)."""
+    conv features. Default sites: every `torch.nn.Dropout` module of the model's own (where a net trained with
+    dropout has it); an adapter's dropout (a peft LoRA's `lora_dropout`, see `register_adapter_layer`) is not the
+    model's and is left out. To include it, name the sites: `where=torch.nn.Dropout` (every `nn.Dropout`, adapters'
+    too) or a glob such as `where="*lora_dropout.*"`."""
 
     p: Union[float, Schedule] = 0.1
     where: Where = None
@@ -35,7 +38,12 @@ class Dropout(Perturbation):
             raise ValueError(f"dropout mode must be 'element' or 'channel', got {self.mode!r}")
 
     def sites(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        return find_sites(model, self.where, default=torch.nn.Dropout)
+        if self.where is None:
+            return default_sites(model, lambda m, path: isinstance(m, torch.nn.Dropout), "dropout",
+                                 f"{type(model).__name__} has no module of type torch.nn.Dropout of its own "
+                                 "(adapters' dropout is left out): name sites with where= (a module type, a glob on "
+                                 "module paths, or paths).")
+        return find_sites(model, self.where)
 
     def _hooks(self, model, rows, keys, sigma):
         sites, idx, p = self._sites_and_rows(model, self.p, rows, sigma)

@@ -10,7 +10,7 @@ import torch
 from .base import Hook, Perturbation, _RowSet
 from .sites import RuleRegistry, SiteError
 
-__all__ = ["SkipLayers", "register_block_inputs", "block_lists"]
+__all__ = ["SkipLayers", "register_block_inputs", "block_lists", "pass_inputs"]
 
 #: block type -> fn(module, args, kwargs) -> the block's inputs arranged as its output (a tuple in output order)
 _BLOCK_INPUTS = RuleRegistry()
@@ -33,6 +33,35 @@ def block_lists(model: torch.nn.Module) -> list[tuple[str, int]]:
 
 def _default_inputs(module, args, kwargs):
     return args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def pass_inputs(mod: torch.nn.Module, args, kwargs, out, degraded: _RowSet, n: int, path: str, what: str):
+    """`out` (the block's output for a call of `n` rows) with the rows `degraded` replaced by the block's inputs:
+    the block returns its input there. A block returning a tuple needs its inputs in output order
+    (`register_block_inputs`); elements without an input (None) keep the block's output."""
+    rule = _BLOCK_INPUTS.lookup(mod)
+    ins = rule(mod, args, kwargs) if rule is not None else _default_inputs(mod, args, kwargs)
+    if isinstance(out, torch.Tensor):
+        outs, ins_t, single = (out,), (ins if isinstance(ins, torch.Tensor) else ins[0],), True
+    elif rule is None and len(out) == 1:         # (tensor,) as return_dict=False gives
+        outs, ins_t, single = tuple(out), (ins,), False
+    else:
+        if rule is None:
+            raise TypeError(f"{what} at {path!r}: {type(mod).__name__} returns a tuple; register its inputs in "
+                            "output order with autoguidance.perturb.register_block_inputs")
+        outs, ins_t, single = tuple(out), tuple(ins), False
+    new = []
+    for o, i in zip(outs, ins_t):
+        if o is None or i is None:
+            new.append(o)
+            continue
+        if not isinstance(i, torch.Tensor) or o.shape != i.shape or o.shape[0] != n:
+            got = list(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__
+            raise ValueError(f"{what} at {path!r}: the block maps {got} to {list(o.shape)}, so it cannot return its "
+                             "input; choose blocks that keep the shape")
+        new.append(degraded.put(o, degraded.take(i).to(o.dtype)))
+    new += list(outs[len(new):])
+    return new[0] if single else type(out)(new) if isinstance(out, tuple) else tuple(new)
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,29 +135,7 @@ class SkipLayers(Perturbation):
         hooks = []
         for path, module in sites:
             def hook(mod, args, kwargs, out, path=path):
-                rule = _BLOCK_INPUTS.lookup(mod)
-                ins = rule(mod, args, kwargs) if rule is not None else _default_inputs(mod, args, kwargs)
-                if isinstance(out, torch.Tensor):
-                    outs, ins_t, single = (out,), (ins if isinstance(ins, torch.Tensor) else ins[0],), True
-                elif rule is None and len(out) == 1:         # (tensor,) as return_dict=False gives
-                    outs, ins_t, single = tuple(out), (ins,), False
-                else:
-                    if rule is None:
-                        raise TypeError(f"skip layers at {path!r}: {type(mod).__name__} returns a tuple; register "
-                                        "its inputs in output order with autoguidance.perturb.register_block_inputs")
-                    outs, ins_t, single = tuple(out), tuple(ins), False
-                new = []
-                for o, i in zip(outs, ins_t):
-                    if o is None or i is None:
-                        new.append(o)
-                        continue
-                    if o.shape != i.shape or o.shape[0] != n:
-                        raise ValueError(f"skip layers at {path!r}: the block maps {list(i.shape)} to "
-                                         f"{list(o.shape)}, so it cannot return its input; choose blocks that keep "
-                                         "the shape")
-                    new.append(degraded.put(o, degraded.take(i).to(o.dtype)))
-                new += list(outs[len(new):])
-                return new[0] if single else type(out)(new) if isinstance(out, tuple) else tuple(new)
+                return pass_inputs(mod, args, kwargs, out, degraded, n, path, "skip layers")
 
             hooks.append(Hook(module, hook, "forward_kwargs"))
         return hooks

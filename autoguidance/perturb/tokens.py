@@ -4,7 +4,10 @@ In the degraded rows, the output tokens of each chosen module are permuted by a 
 from the row's key (image seed, denoiser call) and the site's index, so the permutation depends on the image and
 the step but not on the batch it shares. Tokens: the spatial positions of a `[N, C, H, W]` output (all H*W of
 them are permuted together, channels stay with their token), or axis 1 of a `[N, L, C]` output (batch-first
-transformers); `token_axis=` overrides. The exact rows are untouched.
+transformers); `token_axis=` overrides. The exact rows are untouched. A block returning a tuple has its image tokens
+in the element its type registers (`register_image_output`: joint blocks return a text and an image stream, e.g.
+SD3's `(encoder_hidden_states, hidden_states)`: the image stream is shuffled, the text stream kept), else in its
+first element (a U-Net block's `(hidden_states, residuals)`).
 """
 from __future__ import annotations
 
@@ -15,9 +18,21 @@ import torch
 
 from ..rng import hash_uniform, mix_keys
 from .base import Hook, Perturbation, _RowSet
-from .sites import Where, find_sites
+from .sites import RuleRegistry, Where, find_sites
 
-__all__ = ["TokenShuffle", "token_permutations"]
+__all__ = ["TokenShuffle", "token_permutations", "register_image_output"]
+
+#: block type -> the index of the element of its tuple output that holds the image tokens
+_IMAGE_OUTPUT = RuleRegistry()
+
+
+def register_image_output(module_type: type, index: int) -> None:
+    """Tell `TokenShuffle` which element of a block type's tuple output holds the image tokens (joint blocks:
+    SD3's and Flux's blocks return `(encoder_hidden_states, hidden_states)`, index 1; CogVideoX's
+    `(hidden_states, encoder_hidden_states)`, index 0)."""
+    if not isinstance(module_type, type) or isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise TypeError("register_image_output(module_type, index) needs a class and an index >= 0")
+    _IMAGE_OUTPUT[module_type] = index
 
 _SALT = 0x7F6A
 
@@ -73,12 +88,13 @@ class TokenShuffle(Perturbation):
         hooks = []
         for i, (path, module) in enumerate(sites):
             def hook(mod, args, out, i=i, path=path):
-                first = out if isinstance(out, torch.Tensor) else out[0]
+                k = 0 if isinstance(out, torch.Tensor) else (_IMAGE_OUTPUT.lookup(mod) or 0)
+                first = out if isinstance(out, torch.Tensor) else out[k]
                 tok, back = self._tokens_view(degraded.take(first), path)
                 perm = token_permutations(row_keys, tok.shape[1], i).to(tok.device)
                 shuffled = torch.gather(tok, 1, perm[:, :, None].expand(-1, -1, tok.shape[2]))
                 new = degraded.put(first, back(shuffled).to(first.dtype))
-                return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+                return new if isinstance(out, torch.Tensor) else (*out[:k], new, *out[k + 1:])
 
             hooks.append(Hook(module, hook))
         return hooks

@@ -44,7 +44,7 @@ class WeightNoise(Perturbation):
 
     def sites(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if self.where is None:
-            sites = default_sites(model, lambda m: bool(self._names(m, False)), "weight noise",
+            sites = default_sites(model, lambda m, path: bool(self._names(m, False)), "weight noise",
                                    f"No module owns a parameter matching params={self.params!r}; name sites with "
                                    "where= and the parameters with params=.")
         else:

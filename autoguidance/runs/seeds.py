@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..rng import as_seeds
+
 MAX_SEEDS = 10_000_000   # one run's seeds at most (one image each)
 
 __all__ = ["MAX_SEEDS", "parse_seeds", "format_seeds", "parse_classes", "labels_for", "shard_blocks"]
@@ -38,6 +40,7 @@ def parse_seeds(text: str) -> list[int]:
                          f"got {text!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"--seeds {text!r} names some seed twice; each image needs its own seed")
+    as_seeds(out, "--seeds")                     # the one check of image seeds: integers >= 0
     return out
 
 

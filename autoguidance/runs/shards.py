@@ -21,7 +21,7 @@ import numpy as np
 from .files import atomic_path
 
 __all__ = ["ShardError", "shard_path", "shard_identity", "read_identity", "write_shard", "read_shard", "verify_shard", "to_uint8", "write_png",
-           "export_png", "png_path", "read_png", "pngs_to_redo"]
+           "export_png", "png_path", "read_png", "pngs_to_redo", "pixels_digest", "png_holds"]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _MEMBERS = ("samples", "seeds", "labels")
@@ -175,6 +175,20 @@ def read_png(path) -> np.ndarray | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     return a[..., None] if a.ndim == 2 else a
+
+
+def pixels_digest(img: np.ndarray) -> str:
+    """sha256 of an image's pixels (`[H, W, C]` uint8, with its shape): what a PNG of it decodes to, whatever its
+    encoding."""
+    a = np.ascontiguousarray(img, dtype=np.uint8)
+    return hashlib.sha256(json.dumps(list(a.shape)).encode() + a.tobytes()).hexdigest()
+
+
+def png_holds(path, digest: str) -> bool:
+    """Whether the PNG at `path` decodes (`read_png`) to the image of pixel digest `digest` (`pixels_digest`):
+    False where it is missing, truncated, corrupt, or another image."""
+    got = read_png(path)
+    return got is not None and pixels_digest(got) == digest
 
 
 def pngs_to_redo(out: Path, samples: np.ndarray, seeds: Sequence[int]) -> list[int]:

@@ -12,10 +12,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ...guidance import Pass
-from ...perturb import Dropout, Perturbation
-from ...rng import mix_keys
+from ...perturb import Dropout, Perturbation, check_not_compiled
+from ...rng import as_seeds, mix_keys
 from ...schedules import ScheduleLike, as_schedule
-from .model_call import GuidedModelCall, image_seeds, step_salt
+from .model_call import GuidedModelCall, step_salt
 
 __all__ = ["InSituGuidedUNet"]
 
@@ -41,7 +41,8 @@ class InSituGuidedUNet(torch.nn.Module):
             raise TypeError(f"perturbation must be an autoguidance.perturb.Perturbation, got "
                             f"{type(self.perturbation).__name__}")
         self.w = as_schedule(w)
-        self.seeds = image_seeds(seeds) if seeds is not None else None
+        self.seeds = as_seeds(seeds) if seeds is not None else None
+        check_not_compiled(unet, "InSituGuidedUNet", "unet")
         call = GuidedModelCall(unet, scheduler, prediction_type=prediction_type)
         object.__setattr__(self, "_call", call)
         self.schedule = call.schedule

@@ -39,7 +39,7 @@ from .schedules import (FlowSchedule, _col, _make_schedule, _prediction_type, fl
                         output_to_x0, x0_to_output)
 
 __all__ = ["GuidedModelCall", "PipelineModelNet", "PipelineScale", "CallCFG", "OutputSpace", "step_salt",
-           "image_seeds", "EXTRA_CHANNELS", "INTERFACE_KEYS", "check_guide_model"]
+           "EXTRA_CHANNELS", "INTERFACE_KEYS", "check_guide_model"]
 
 
 class PipelineModelNet:
@@ -533,15 +533,6 @@ class _Output(dict):
 
     def __getitem__(self, k):
         return dict.__getitem__(self, "sample") if k == 0 else dict.__getitem__(self, k)
-
-
-def image_seeds(seeds, what: str = "seeds") -> torch.Tensor:
-    """`as_seeds(seeds)`, refusing negative seeds (an image seed is a torch.Generator seed, >= 0)."""
-    t = as_seeds(seeds)
-    if len(t) and bool((t < 0).any()):
-        raise ValueError(f"{what} must be >= 0 (one image seed each, as torch.Generator.manual_seed takes), got "
-                         f"{int(t.min())}")
-    return t
 
 
 def step_salt(timestep) -> int:
