@@ -18,7 +18,14 @@ from autoguidance.adapters import DiffusersDenoiser, guided_pipeline  # noqa: E4
 from autoguidance.cli import main as cli  # noqa: E402
 from autoguidance.guidemaker.compat import guide_mismatch  # noqa: E402
 from conftest import assert_same_state, state_snapshot  # noqa: E402
-from test_pipelines import model_of, run, sd3_pipe, sd_pipe, tiny_sd3, tiny_unet  # noqa: E402
+from autoguidance.adapters import tiny  # noqa: E402
+from test_pipelines import model_of, run, sd_pipe, tiny_unet  # noqa: E402
+
+tiny_sd3 = tiny.tiny_sd3
+
+
+def sd3_pipe(folder):
+    return tiny.build("sd3", folder)
 
 FAST = dict(batch=4, samples=4, sample_steps=2, progress=False)
 
