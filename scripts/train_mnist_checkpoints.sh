@@ -17,14 +17,7 @@ T=${T:-4096}
 BATCH=${BATCH:-64}
 COMMON="--data mnist14 --iters $T --batch $BATCH --seed 0 --ema-stds 0.05,0.15 --no-progress --state-every 256"
 
-run() {   # run STEP NAME ARGS...: train (or resume) one network unless STEP selects another
-  local step=$1; shift
-  if [[ -n "${STEP:-}" && "${STEP}" != "$step" ]]; then return; fi
-  local state="$STATE/$step" latest
-  latest=$(ls -d "$state"/iter-* 2>/dev/null | sort | tail -n 1 || true)
-  echo "+ $step${latest:+ (resuming from $latest)}"
-  $PY -m autoguidance.cli train --out "$W/$step" "$@" $COMMON --state-dir "$state" ${latest:+--resume "$latest"}
-}
+source scripts/train_lib.sh   # run STEP ARGS...: train (or resume) one network unless STEP selects another
 
 # The feature network of the metrics (a classifier on the train split; FD in its features).
 if [[ -z "${STEP:-}" || "${STEP}" == features ]]; then

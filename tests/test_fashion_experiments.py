@@ -57,6 +57,16 @@ def test_fashion_table_is_judged_in_three_spaces(weights, tmp_path):
     assert "Head to head at matched seeds" in md and "autoguidance (XS, T/16) - CFG (uncond. XS at T)" in md
     for f in ("fashion_table.json", "fashion_table_sweep.png", "fashion_table_samples.png", "fashion_table_pr.png"):
         assert (tmp_path / f).stat().st_size > 0, f
+    # `autoguidance fashion render --doc PAGE` fills the page's generated blocks from the records, nothing else
+    page = tmp_path / "page.md"
+    page.write_text("# mine\n<!-- verdicts: start -->\nold\n<!-- verdicts: end -->\ntext\n"
+                    "<!-- table: start -->\nold\n<!-- table: end -->\n<!-- other: start -->\nkept\n<!-- other: end -->\n")
+    assert main(["fashion", "render", "--out", str(tmp_path), "--doc", str(page)]) == 0
+    filled = page.read_text()
+    assert filled.startswith("# mine\n") and "text\n" in filled and "kept" in filled and "old" not in filled
+    assert "- **autoguidance (XS, T/16)** against **CFG (uncond. XS at T)**: " in filled
+    assert "FD_cls " in filled and "FD_ssl " in filled and "FD_pixels " in filled
+    assert "| method | best params | FD_cls |" in filled and "](fashion_table.md)" in filled
 
 
 def test_the_verdict_needs_both_feature_spaces():
@@ -105,8 +115,8 @@ def test_fashion_all_quick_runs_on_the_shipped_checkpoints(tmp_path):
     for name in ("table", "guides", "floor"):
         assert (out / f"fashion_{name}.md").read_text().startswith("# "), name
     rows = {r["key"] for r in json.loads((out / "fashion_table.json").read_text())["rows"]}
-    assert {"cfg", "cfg-interval", "auto", "auto-S-T16", "auto-XS-T", "insitu", "tpg", "cfg+auto",
-            "insitu-dropout"} <= rows and "uncond-auto" not in rows
+    assert {"cfg", "cfg-interval", "auto", "auto-S-T16", "auto-XS-T", "insitu", "tpg", "cfg+auto"} <= rows
+    assert "uncond-auto" not in rows and "insitu-dropout" not in rows     # the dropout-trained S is not shipped
 
 
 def test_rule_rows_and_the_made_guide_row(weights, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from autoguidance.cli import main as cli
-from autoguidance.experiments.guides_study import (FULL_STUDY, QUICK_STUDY, fill_block, lab_for, run_study,
-                                                   study_guides)
+from autoguidance.experiments.guides_study import FULL_STUDY, QUICK_STUDY, lab_for, run_study, study_guides
+from autoguidance.runs.files import fill_block
 
 
 def test_the_full_study_makes_every_recipe_at_every_budget_both_ways():

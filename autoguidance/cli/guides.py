@@ -61,7 +61,8 @@ def _run_study(args) -> int:
         lab.weights = Path(args.weights)
     record = run_study(lab, args.out, _settings(args))
     if args.doc:
-        from ..experiments.guides_study import fill_block, study_md
+        from ..experiments.guides_study import study_md
+        from ..runs.files import fill_block
 
         fill_block(args.doc, "study", study_md(record))
     print(f"wrote {Path(args.out) / 'guides_study.md'}, .json, .png")
@@ -79,7 +80,7 @@ def _run_sizes(args) -> int:
     md = sizes_md(size_rows(names))
     print(md, end="")
     if args.doc:
-        from ..experiments.guides_study import fill_block
+        from ..runs.files import fill_block
 
         fill_block(args.doc, "sizes", md)
     return 0

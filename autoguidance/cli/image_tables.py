@@ -3,23 +3,28 @@ cli/digits.py, cli/mnist.py, cli/fashion.py), and the manifest of its checkpoint
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import WEIGHTS_DIR
-from ..runs.files import write_json, write_text
+from ..runs.files import fill_block, write_json, write_text
 from ..experiments.image_tables import EXPERIMENTS, FULL, QUICK, Lab, Settings, experiment_text, run_experiment
-from ..experiments.image_tables_report import Row, costs_md, extra_cols, extra_md, table_md
+from ..experiments.image_tables_report import Row, costs_md, extra_cols, extra_md, space_prefixes, table_md, verdicts_md
 from ..experiments.image_sets import DIGITS, ImageSet
 
 __all__ = ["add_image_set_parser", "render", "write_manifest"]
 
 
-def render(out, data: ImageSet = DIGITS) -> list[str]:
-    """Re-write every `<prefix>_*.md` in `out` from its JSON record (no sampling): for a change of table layout."""
+def render(out, data: ImageSet = DIGITS, doc=None) -> list[str]:
+    """Re-write every `<prefix>_*.md` in `out` from its JSON record (no sampling): for a change of table layout.
+    With `doc` (a hand-written page such as docs/fashion.md), also fill its blocks `<!-- NAME: start -->` ...
+    `<!-- NAME: end -->` named after an experiment ('table', 'floor', ...) with that experiment's table, and its block
+    'verdicts' with the main table's head-to-head verdicts; blocks the page does not have are left alone."""
     out = Path(out)
+    doc_text = Path(doc).read_text() if doc is not None else ""
     done = []
     for name in EXPERIMENTS:
         stem, title, note = experiment_text(name, data)
@@ -37,6 +42,12 @@ def render(out, data: ImageSet = DIGITS) -> list[str]:
             md += costs_md(rec.get("training_costs", {}))
         write_text(out / f"{stem}.md", md)
         done.append(stem)
+        if doc is not None and f"<!-- {name}: start -->" in doc_text:
+            body = md.split("\n", 1)[1].lstrip("\n")   # the page has its own heading
+            link = Path(os.path.relpath(out / f"{stem}.md", Path(doc).parent)).as_posix()
+            fill_block(doc, name, f"From [{stem}.md]({link}) (figures beside it).\n\n{body}")
+        if doc is not None and name == "table" and "<!-- verdicts: start -->" in doc_text and space_prefixes(rows):
+            fill_block(doc, "verdicts", verdicts_md(rows, data.fd_name))
     return done
 
 
@@ -146,7 +157,8 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
         e.set_defaults(func=_encoder_cli)
     r = dsub.add_parser("render", help="re-write the Markdown tables of --out from their JSON records")
     r.add_argument("--out", default=f"{data.prefix}-results")
-    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out, a.data)) or '(nothing)'}") or 0)
+    r.add_argument("--doc", default=None, help="also fill this page's generated blocks (table, floor, verdicts, ...)")
+    r.set_defaults(func=lambda a: print(f"rendered: {', '.join(render(a.out, a.data, a.doc)) or '(nothing)'}") or 0)
     m = dsub.add_parser("manifest", help=f"add the {data.noun} checkpoints to weights/manifest.json")
     m.add_argument("--folder", default=str(data.weights))
     m.set_defaults(func=lambda a: print(f"manifest: {write_manifest(a.folder, a.data)} {a.data.noun} checkpoints")

@@ -23,7 +23,6 @@ CI (numbers not meaningful). Outputs: `guides_study.md`, `guides_study.json`, `g
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from .image_tables import FULL, QUICK, Lab, _auto_grid, _b_auto, _b_cfg, _b_insi
 from .image_tables_report import Row, paired_delta, row_json
 from .image_sets import MNIST14
 
-__all__ = ["fill_block", "lab_for", "study_md", "plot_study", "StudySettings", "FULL_STUDY", "QUICK_STUDY", "QUICK_LAB",
+__all__ = ["lab_for", "study_md", "plot_study", "StudySettings", "FULL_STUDY", "QUICK_STUDY", "QUICK_LAB",
            "GuideSpec", "study_guides", "make_study_guides",
            "run_study", "MAIN", "QUESTION"]
 
@@ -279,17 +278,6 @@ def plot_study(record: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-
-
-def fill_block(doc, name: str, text: str) -> None:
-    """Replace what stands between `<!-- NAME: start -->` and `<!-- NAME: end -->` in the Markdown file `doc` (the
-    generated parts of docs/guides.md: `sizes`, `cost`, `study`)."""
-    doc = Path(doc)
-    block = re.compile(rf"(<!-- {re.escape(name)}: start -->\n).*?(<!-- {re.escape(name)}: end -->)", re.S)
-    src = doc.read_text()
-    if not block.search(src):
-        raise ValueError(f"{doc} has no block <!-- {name}: start --> ... <!-- {name}: end --> to fill")
-    write_text(doc, block.sub(lambda m: m.group(1) + text + m.group(2), src))
 
 
 def lab_for(quick: bool, store=None, progress: bool = True, n: Optional[int] = None) -> Lab:

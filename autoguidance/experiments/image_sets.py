@@ -76,6 +76,7 @@ FASHION28 = ImageSet("fashion28", "fashion", "Fashion-MNIST", WEIGHTS_DIR / "fas
                      # evaluation of 28x28 images costs 5x MNIST's
                      full=(("n", 500), ("batch", 100), ("guide_emas", ("150",)), ("ws", (1.1, 1.25, 1.5, 2.0))),
                      table_rows=("cfg", "cfg-interval", "auto", "auto-same-ema", "auto-S-T16", "auto-XS-T", "insitu",
-                                 "blockdrop", "tpg", "skiplayer", "cfg+auto", "dropout-main"),
+                                 "blockdrop", "tpg", "skiplayer", "cfg+auto"),   # the dropout-trained S is not
+                     # trained yet (`STEP=s-dropout bash scripts/train_fashion_checkpoints.sh`): no 'dropout-main' row
                      experiments=("table", "guides", "floor"))
 IMAGE_SETS = {s.prefix: s for s in (DIGITS, MNIST14, FASHION28)}

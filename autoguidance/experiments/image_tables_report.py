@@ -163,6 +163,28 @@ TABLE_PAIRS = [("auto", "cfg"), ("cfg", "none"), ("auto", "none"), ("cfg-interva
                ("cfg+auto", "auto")]
 
 
+def verdicts_md(rows: list[Row], fd_name: str, pairs=None) -> str:
+    """One line per head-to-head pair of a main table measured in two feature spaces: the verdict over both (as
+    `verdict`) and the paired dFD in every space, mean +- std over the held-out sets. Pairs whose rows are absent are
+    left out."""
+    by_key = {r.key: r for r in rows}
+    spaces = [""] + space_prefixes(rows)
+    names = {"": fd_name, **{p: f"FD_{n}" for p, n in SPACE_NAMES.items()}}
+    lines = []
+    for a, b in pairs if pairs is not None else TABLE_PAIRS:
+        if a not in by_key or b not in by_key:
+            continue
+        ra, rb = by_key[a].result, by_key[b].result
+        cells = []
+        for p in spaces:
+            d = paired_delta(ra, rb, f"{p}_fd" if p else "fd")
+            if d is not None:
+                cells.append(f"{names.get(p, p)} {d[0]:+.{3 if p else 2}f} +- {d[1]:.{3 if p else 2}f}")
+        lines.append(f"- **{by_key[a].label}** against **{by_key[b].label}**: {verdict(ra, rb)} "
+                     f"({'; '.join(cells)})")
+    return "\n".join(lines) + "\n"
+
+
 def extra_md(name: str, rows: list[Row], fd_name: str) -> str:
     """What follows an experiment's table: for a main table measured in several feature spaces, the head-to-head."""
     return comparisons_md(rows, TABLE_PAIRS, fd_name) if name == "table" and space_prefixes(rows) else ""

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text"]
+__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text", "fill_block"]
 
 TEMP_PREFIX = ".tmp-"
 
@@ -75,3 +75,14 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def fill_block(doc, name: str, text: str) -> None:
+    """Replace what stands between `<!-- NAME: start -->` and `<!-- NAME: end -->` in the Markdown file `doc` (the
+    generated parts of a hand-written page: docs/guides.md's `sizes` and `study`, docs/fashion.md's `table`, ...)."""
+    doc = Path(doc)
+    block = re.compile(rf"(<!-- {re.escape(name)}: start -->\n).*?(<!-- {re.escape(name)}: end -->)", re.S)
+    src = doc.read_text()
+    if not block.search(src):
+        raise ValueError(f"{doc} has no block <!-- {name}: start --> ... <!-- {name}: end --> to fill")
+    write_text(doc, block.sub(lambda m: m.group(1) + text + m.group(2), src))
