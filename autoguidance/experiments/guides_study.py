@@ -61,6 +61,7 @@ class StudySettings:
     samples:      Optional[int] = None         # data-free pool (None: a quarter of the budget)
     weight_decay: float = 1.0                  # recipe weight-decay (its default)
     seed:         int = 0
+    only:         Optional[tuple] = None       # the names of the made guides to keep (None: every one)
 
 
 FULL_STUDY = StudySettings()
@@ -99,6 +100,11 @@ def study_guides(st: StudySettings) -> list[GuideSpec]:
             for b in st.budgets:
                 name = f"{recipe}{'-' + init if init else ''}-{'data' if data else 'free'}-{round(b * 1000):03d}"
                 out.append(GuideSpec(name, recipe, init, data, b, st.steps))
+    if st.only is not None:
+        unknown = sorted(set(st.only) - {g.name for g in out})
+        if unknown:
+            raise ValueError(f"unknown study guide(s) {', '.join(unknown)}; known: {', '.join(g.name for g in out)}")
+        out = [g for g in out if g.name in st.only]
     return out
 
 
