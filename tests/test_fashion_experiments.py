@@ -141,3 +141,30 @@ def test_rule_rows_and_the_made_guide_row(weights, tmp_path):
     same = lab.evaluate("x", _b_auto, {"main": "s-T-ema050", "guide": "xs-T16-ema050", "w": 2.0}, 1)
     assert same["fd"] == pytest.approx(rows["made-guide"]["runs"][0]["fd"], rel=1e-5)
     assert _b_ruled.__qualname__ == "_b_ruled"            # stored evaluations are keyed by the builder's name
+
+
+def test_tuning_goes_on_along_w_while_the_best_is_at_the_grids_edge():
+    """`Settings.ws_extend`: a method whose best w is the largest of the grid is tried at the next w values (at its
+    other best parameters) until its best lies inside; a best inside the grid tries none."""
+    def lab_with(fd_of_w, ws_extend):
+        lab = Lab.__new__(Lab)
+        lab.s = replace(TINY, ws_extend=ws_extend)
+        seen = []
+
+        def evaluate(key, build, params, seed_set, conditional=True):
+            seen.append((params["w"], params["guide"], seed_set))
+            return {"fd": fd_of_w(params["w"]) + (0.5 if params["guide"] == "b" else 0.0)}
+        lab.evaluate = evaluate
+        lab.heldout = lambda key, build, params, conditional=True: {"params": params}
+        return lab, seen
+
+    grid = [{"w": w, "guide": g} for g in ("a", "b") for w in (1.5, 2.0)]
+    lab, seen = lab_with(lambda w: abs(w - 4.0), (3.0, 4.0, 6.0))      # the true best w is 4
+    res = lab.tune("cfg", None, grid)
+    assert res["best"] == {"w": 4.0, "guide": "a"}
+    assert [p for p, *_ in seen] == [1.5, 2.0, 1.5, 2.0, 3.0, 4.0, 6.0]           # 6 shows that 4 is inside
+    assert [r["params"]["w"] for r in res["sweep"]][-3:] == [3.0, 4.0, 6.0]
+    lab, seen = lab_with(lambda w: abs(w - 1.5), (3.0, 4.0, 6.0))      # best inside the grid: nothing more
+    assert lab.tune("cfg", None, grid)["best"]["w"] == 1.5 and len(seen) == 4
+    lab, seen = lab_with(lambda w: -w, ())                             # no extension asked: the grid only
+    assert lab.tune("cfg", None, grid)["best"]["w"] == 2.0 and len(seen) == 4

@@ -71,10 +71,12 @@ FASHION28 = ImageSet("fashion28", "fashion", "Fashion-MNIST", WEIGHTS_DIR / "fas
                      "FD_cls", 4096, "scripts/train_fashion_checkpoints.sh", floor_large=False, guides_tune_ema=False,
                      spaces=(("", "features"), ("ssl", "encoder"), ("pix", None)), prdc_matched=True,
                      # N = 500 per seed set, where real images score far below the unguided main in every space
-                     # (`python scripts/floor_scan.py --set fashion`, docs/fashion.md); one guide EMA (0.150: the papers' guides
-                     # want a longer EMA than the main) and w up to 2 (the best w is 1.1 - 1.5 on every set), as every
-                     # evaluation of 28x28 images costs 5x MNIST's
-                     full=(("n", 500), ("batch", 100), ("guide_emas", ("150",)), ("ws", (1.1, 1.25, 1.5, 2.0))),
+                     # (`python scripts/floor_scan.py --set fashion`, docs/fashion.md); one guide EMA (0.150: the
+                     # papers' guides want a longer EMA than the main) and w up to 2 (the best w of MNIST's methods:
+                     # 1.1 - 1.5), as every evaluation of 28x28 images costs 5x MNIST's; a method whose best w is 2
+                     # (CFG here) goes on to 3, 4, 6 until its best lies inside the grid
+                     full=(("n", 500), ("batch", 100), ("guide_emas", ("150",)), ("ws", (1.1, 1.25, 1.5, 2.0)),
+                           ("ws_extend", (3.0, 4.0, 6.0))),
                      table_rows=("cfg", "cfg-interval", "auto", "auto-same-ema", "auto-S-T16", "auto-XS-T", "insitu",
                                  "blockdrop", "tpg", "skiplayer", "cfg+auto"),   # the dropout-trained S is not
                      # trained yet (`STEP=s-dropout bash scripts/train_fashion_checkpoints.sh`): no 'dropout-main' row

@@ -78,6 +78,9 @@ class Settings:
     emas:       tuple = ("050", "150")         # EMA lengths (relative std x 1000) of the checkpoints
     guide_emas: Optional[tuple] = None         # the guides' EMA lengths tried, if not every one of `emas`
     batch:      int = 300                      # images per sampler call (results do not depend on it)
+    #: w values tried beyond a grid, in order, while the best w on the tuning set is the largest tried (a method
+    #: whose best lies at the grid's edge is not tuned yet); () tries none
+    ws_extend:  tuple = ()
 
     def seeds(self, seed_set: int) -> torch.Tensor:
         """Image seeds of a seed set: `seed_set * 1_000_000 + [0, n)`."""
@@ -290,11 +293,22 @@ class Lab:
     # -- sweep on the tuning set, then the held-out sets ------------------------------------------------------------
     def tune(self, key: str, build: Callable, grid: list[dict], conditional: bool = True) -> dict:
         """Evaluate every `params` of `grid` on the tuning set; keep the best by FD; report it on the held-out sets.
-        Returns `{'best', 'sweep': [{params, fd}], 'mean': {metric}, 'std': {metric}, 'runs': [...]}`."""
+        While the best w is the largest tried, the settings' `ws_extend` values beyond it are tried in order (at the
+        best's other parameters) and join the sweep. Returns `{'best', 'sweep': [{params, fd}], 'mean': {metric}, 'std': {metric}, 'runs': [...]}`."""
         if not grid:
             raise ValueError(f"empty parameter grid for {key}")
         sweep = [{"params": p, **self.evaluate(key, build, p, self.s.tune_set, conditional)} for p in grid]
         best = min(sweep, key=lambda r: r["fd"])["params"]
+        for w in self.s.ws_extend:                # the best at the edge: go on along w at the best's other params
+            tried = [p["w"] for p in grid if isinstance(p.get("w"), (int, float))]
+            if not tried or best.get("w") != max(tried):
+                break                             # the best lies inside the grid: tuned
+            if w <= max(tried):
+                continue
+            p = dict(best, w=float(w))
+            grid = [*grid, p]
+            sweep.append({"params": p, **self.evaluate(key, build, p, self.s.tune_set, conditional)})
+            best = min(sweep, key=lambda r: r["fd"])["params"]
         return {"best": best, "sweep": sweep, **self.heldout(key, build, best, conditional)}
 
     def heldout(self, key: str, build: Callable, params: dict, conditional: bool = True) -> dict:
