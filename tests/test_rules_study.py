@@ -45,6 +45,17 @@ def test_mnist_rules_quick_writes_table_verdicts_figures_and_record(weights, tmp
     assert "(stored)" in log and "s)\n" not in log.split("# Combination")[0].replace("(stored)", "")
 
 
+def test_mnist_rules_methods_keep_cfg_and_refuse_unknown(weights, tmp_path):
+    out = tmp_path / "out"
+    assert main(["mnist", "rules", "--quick", "--n", "6", "--steps", "2", "--weights", str(weights), "--out",
+                 str(out), "--quiet", "--no-store", "--methods", "auto"]) == 0
+    rec = json.loads((out / "mnist_rules.json").read_text())
+    assert [r["method"] for r in rec["rows"]] == ["cfg"] * 4 + ["auto"] * 4       # CFG: every curve's reference
+    assert len(rec["verdicts"]) == 2 and len(rec["mains"]) == 1                   # no dropout-trained main
+    assert main(["mnist", "rules", "--quick", "--weights", str(weights), "--out", str(out), "--methods",
+                 "cfg,dropout"]) == 2
+
+
 def test_usable_w_and_recall_gain():
     sweep = [{"params": {"w": w}, "fd": fd} for w, fd in ((1.25, 5.0), (1.5, 4.0), (2.0, 4.3), (3.0, 6.0))]
     assert usable_w(sweep, 4.0, 0.5) == [1.5, 2.0]

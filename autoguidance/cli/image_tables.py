@@ -133,6 +133,7 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
                         "and in-situ: best FD, usable w, precision-recall against CFG",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_args(q)
+    q.add_argument("--methods", default="cfg,auto,insitu", help="comma-separated methods of the study (cfg always)")
     q.set_defaults(func=_rules_cli)
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,7 +195,8 @@ def _rules_cli(args) -> int:
 
     torch.set_num_threads(args.threads)
     lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
-    rec = run_rules_study(lab, args.out, ws=lab.s.ws if args.quick else None)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    rec = run_rules_study(lab, args.out, ws=lab.s.ws if args.quick else None, methods=methods)
     print((Path(args.out) / f"{rec['experiment']}.md").read_text())
     print(f"wrote {args.out}/{rec['experiment']}.md, .json, _pr.png, _sweep.png in {rec['seconds']:.0f} s")
     return 0

@@ -69,18 +69,27 @@ def recall_gain(curve: list[tuple[float, float]], ref: list[tuple[float, float]]
     return max(gains) if gains else None
 
 
-def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None) -> dict:
-    """Run the study on `lab` (every evaluation through its store) and write its outputs to `out`."""
+def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None, methods: Optional[tuple] = None) -> dict:
+    """Run the study on `lab` (every evaluation through its store) and write its outputs to `out`; `methods`: keys of
+    `METHODS` (default every one; CFG always, its linear sweep is every curve's reference)."""
     out = Path(out)
     W = [float(w) for w in (ws if ws is not None else WS)]
+    methods = tuple(methods) if methods else tuple(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown rules-study method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    methods = ("cfg",) + tuple(m for m in methods if m != "cfg")
     ema = lab.s.emas[-1]
     main, _ = choose_main(lab, "s-T")
-    drop_main, _ = choose_main(lab, "s-dropout-T")
-    none = {"s-T": lab.heldout("none:s-T", _b_none, {"main": main}),
-            "s-dropout-T": lab.heldout("none:s-dropout-T", _b_none, {"main": drop_main})}
+    none = {"s-T": lab.heldout("none:s-T", _b_none, {"main": main})}
+    drop_main = None
+    if "insitu" in methods:
+        drop_main, _ = choose_main(lab, "s-dropout-T")
+        none["s-dropout-T"] = lab.heldout("none:s-dropout-T", _b_none, {"main": drop_main})
     bases = {"cfg": ({"main": main, "guide": f"xs-uncond-T-ema{ema}"}, "s-T"),
              "auto": ({"main": main, "guide": f"xs-T16-ema{ema}"}, "s-T"),
              "insitu": ({"main": drop_main, "p": 0.1}, "s-dropout-T")}
+    bases = {m: bases[m] for m in methods}
     rows = []
     for m, (base, main_key) in bases.items():
         linear = None
@@ -107,7 +116,8 @@ def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None) -> dict:
     for r in rows:
         r["recall_gain_over_cfg"] = recall_gain([(e["precision"], e["recall"]) for e in r["sweep"]], ref)
     record = {"experiment": f"{lab.data.prefix}_rules", "settings": asdict(lab.s), "ws": W, "guide_ema": ema,
-              "rules": {k: {"name": n, "params": a} for k, (n, a) in RULE_SET.items()}, "mains": [main, drop_main],
+              "rules": {k: {"name": n, "params": a} for k, (n, a) in RULE_SET.items()},
+              "mains": [m for m in (main, drop_main) if m],
               "unguided": {k: {"mean": v["mean"], "std": v["std"]} for k, v in none.items()}, "rows": rows,
               "verdicts": verdicts(rows), "seconds": round(time.perf_counter() - lab.t0, 1)}
     stem = f"{lab.data.prefix}_rules"
@@ -118,10 +128,15 @@ def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None) -> dict:
     return record
 
 
+def _present(rows: list[dict]) -> list[tuple[str, str]]:
+    """The methods the rows hold, `(key, label)` in `METHODS` order."""
+    return [(m, label) for m, label in METHODS.items() if any(r["method"] == m for r in rows)]
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     """One sentence per method: does a rule widen the usable w, and does one lower the best dFD beyond the spread?"""
     out = []
-    for m, label in METHODS.items():
+    for m, label in _present(rows):
         mine = [r for r in rows if r["method"] == m]
         lin = next(r for r in mine if r["rule"] == "linear")
         width = (lambda r: (r["usable_range"][1] / r["usable_range"][0]) if r["usable_range"] else 0.0)
@@ -187,9 +202,10 @@ def plot_pr(rows: list[dict], path: Path, noun: str) -> None:
 
     ref = sorted(((e["precision"], e["recall"], e["w"]) for e in
                   next(r for r in rows if r["key"] == "rules:cfg:linear")["sweep"]), key=lambda t: t[2])
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(4.4 * len(METHODS), 4), squeeze=False, sharex=True,
+    present = _present(rows)
+    fig, axes = plt.subplots(1, len(present), figsize=(4.4 * len(present), 4), squeeze=False, sharex=True,
                              sharey=True)
-    for ax, (m, label) in zip(axes[0], METHODS.items()):
+    for ax, (m, label) in zip(axes[0], present):
         ax.plot([p for p, _, _ in ref], [r for _, r, _ in ref], color="0.6", lw=4, alpha=0.6, label="CFG linear "
                 "(reference)")
         for r in (q for q in rows if q["method"] == m):
@@ -215,8 +231,9 @@ def plot_sweep(rows: list[dict], path: Path, fd_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(4.4 * len(METHODS), 3.6), squeeze=False)
-    for ax, (m, label) in zip(axes[0], METHODS.items()):
+    present = _present(rows)
+    fig, axes = plt.subplots(1, len(present), figsize=(4.4 * len(present), 3.6), squeeze=False)
+    for ax, (m, label) in zip(axes[0], present):
         for r in (q for q in rows if q["method"] == m):
             col, mk = _STYLE[r["rule"]]
             pts = sorted(r["sweep"], key=lambda e: e["w"])
