@@ -47,8 +47,12 @@ def test_mnist_rules_quick_writes_table_verdicts_figures_and_record(weights, tmp
 
 def test_mnist_rules_methods_keep_cfg_and_refuse_unknown(weights, tmp_path):
     out = tmp_path / "out"
+    page = tmp_path / "rules.md"
+    page.write_text("# Rules\n<!-- rules-study: start -->\nold\n<!-- rules-study: end -->\n")
     assert main(["mnist", "rules", "--quick", "--n", "6", "--steps", "2", "--weights", str(weights), "--out",
-                 str(out), "--quiet", "--no-store", "--methods", "auto"]) == 0
+                 str(out), "--quiet", "--no-store", "--methods", "auto", "--doc", str(page)]) == 0
+    filled = page.read_text()
+    assert "old" not in filled and "[mnist_rules.md](out/mnist_rules.md)" in filled and "Verdicts" in filled
     rec = json.loads((out / "mnist_rules.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["cfg"] * 4 + ["auto"] * 4       # CFG: every curve's reference
     assert len(rec["verdicts"]) == 2 and len(rec["mains"]) == 1                   # no dropout-trained main

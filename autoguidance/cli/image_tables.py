@@ -134,6 +134,7 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_args(q)
     q.add_argument("--methods", default="cfg,auto,insitu", help="comma-separated methods of the study (cfg always)")
+    q.add_argument("--doc", default=None, help="also fill this page's block <!-- rules-study: start --> ... end")
     q.set_defaults(func=_rules_cli)
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -197,7 +198,13 @@ def _rules_cli(args) -> int:
     lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     rec = run_rules_study(lab, args.out, ws=lab.s.ws if args.quick else None, methods=methods)
-    print((Path(args.out) / f"{rec['experiment']}.md").read_text())
+    md = (Path(args.out) / f"{rec['experiment']}.md").read_text()
+    print(md)
+    if args.doc:
+        link = Path(os.path.relpath(Path(args.out) / rec["experiment"], Path(args.doc).parent)).as_posix()
+        fill_block(args.doc, "rules-study", f"From [{rec['experiment']}.md]({link}.md) (figures: "
+                   f"[precision-recall]({link}_pr.png), [FD over w]({link}_sweep.png)).\n\n"
+                   + md.split("\n", 1)[1].lstrip("\n"))
     print(f"wrote {args.out}/{rec['experiment']}.md, .json, _pr.png, _sweep.png in {rec['seconds']:.0f} s")
     return 0
 
