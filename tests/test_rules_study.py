@@ -50,14 +50,20 @@ def test_mnist_rules_methods_keep_cfg_and_refuse_unknown(weights, tmp_path):
     page = tmp_path / "rules.md"
     page.write_text("# Rules\n<!-- rules-study: start -->\nold\n<!-- rules-study: end -->\n")
     assert main(["mnist", "rules", "--quick", "--n", "6", "--steps", "2", "--weights", str(weights), "--out",
-                 str(out), "--quiet", "--no-store", "--methods", "auto", "--doc", str(page)]) == 0
+                 str(out), "--quiet", "--no-store", "--methods", "auto", "--rules", "apg", "--ws", "1.5,3",
+                 "--doc", str(page)]) == 0
     filled = page.read_text()
     assert "old" not in filled and "[mnist_rules.md](out/mnist_rules.md)" in filled and "Verdicts" in filled
+    assert (out / "mnist_rules.md").read_text().startswith("# Combination rules on MNIST: CFG and autoguidance with "
+                                                          "linear, APG\n")
     rec = json.loads((out / "mnist_rules.json").read_text())
-    assert [r["method"] for r in rec["rows"]] == ["cfg"] * 4 + ["auto"] * 4       # CFG: every curve's reference
+    assert [(r["method"], r["rule"]) for r in rec["rows"]] == [          # CFG and linear: the references
+        ("cfg", "linear"), ("cfg", "apg"), ("auto", "linear"), ("auto", "apg")]
+    assert rec["ws"] == [1.5, 3.0] and list(rec["rules"]) == ["linear", "apg"]
     assert len(rec["verdicts"]) == 2 and len(rec["mains"]) == 1                   # no dropout-trained main
     assert main(["mnist", "rules", "--quick", "--weights", str(weights), "--out", str(out), "--methods",
                  "cfg,dropout"]) == 2
+    assert main(["mnist", "rules", "--quick", "--weights", str(weights), "--out", str(out), "--rules", "cfgpp"]) == 2
 
 
 def test_usable_w_and_recall_gain():

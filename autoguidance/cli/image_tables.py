@@ -134,6 +134,8 @@ def add_image_set_parser(sub, data: ImageSet, help: str) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_args(q)
     q.add_argument("--methods", default="cfg,auto,insitu", help="comma-separated methods of the study (cfg always)")
+    q.add_argument("--rules", default="linear,rescale,apg,cfg-zero", help="comma-separated rules (linear always)")
+    q.add_argument("--ws", default=None, help="comma-separated w of the study (default 1.25,1.5,2,3,4,6)")
     q.add_argument("--doc", default=None, help="also fill this page's block <!-- rules-study: start --> ... end")
     q.set_defaults(func=_rules_cli)
     a = dsub.add_parser("all", help="every experiment in one process (shared evaluations), each written when done",
@@ -197,7 +199,9 @@ def _rules_cli(args) -> int:
     torch.set_num_threads(args.threads)
     lab = Lab(_settings(args), args.weights, progress=not args.quiet, data=args.data, store=_store(args))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    rec = run_rules_study(lab, args.out, ws=lab.s.ws if args.quick else None, methods=methods)
+    rules = tuple(r.strip() for r in args.rules.split(",") if r.strip())
+    ws = tuple(float(w) for w in args.ws.split(",")) if args.ws else (lab.s.ws if args.quick else None)
+    rec = run_rules_study(lab, args.out, ws=ws, methods=methods, rules=rules)
     md = (Path(args.out) / f"{rec['experiment']}.md").read_text()
     print(md)
     if args.doc:

@@ -69,11 +69,18 @@ def recall_gain(curve: list[tuple[float, float]], ref: list[tuple[float, float]]
     return max(gains) if gains else None
 
 
-def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None, methods: Optional[tuple] = None) -> dict:
+def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None, methods: Optional[tuple] = None,
+                    rules: Optional[tuple] = None) -> dict:
     """Run the study on `lab` (every evaluation through its store) and write its outputs to `out`; `methods`: keys of
-    `METHODS` (default every one; CFG always, its linear sweep is every curve's reference)."""
+    `METHODS` (default every one; CFG always, its linear sweep is every curve's reference); `rules`: keys of `RULE_SET`
+    (default every one; linear always, every rule is judged against it)."""
     out = Path(out)
     W = [float(w) for w in (ws if ws is not None else WS)]
+    rules = tuple(rules) if rules else tuple(RULE_SET)
+    unknown = [r for r in rules if r not in RULE_SET]
+    if unknown:
+        raise ValueError(f"unknown rules-study rule(s) {', '.join(unknown)}; known: {', '.join(RULE_SET)}")
+    rule_set = {k: v for k, v in RULE_SET.items() if k == "linear" or k in rules}
     methods = tuple(methods) if methods else tuple(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -93,7 +100,7 @@ def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None, methods: Optional
     rows = []
     for m, (base, main_key) in bases.items():
         linear = None
-        for rk, (name, args) in RULE_SET.items():
+        for rk, (name, args) in rule_set.items():
             key = f"rules:{m}:{rk}"
             if rk == "linear":
                 res = lab.tune(key, _LINEAR[m], [dict(base, w=w) for w in W])
@@ -116,7 +123,7 @@ def run_rules_study(lab: Lab, out, ws: Optional[tuple] = None, methods: Optional
     for r in rows:
         r["recall_gain_over_cfg"] = recall_gain([(e["precision"], e["recall"]) for e in r["sweep"]], ref)
     record = {"experiment": f"{lab.data.prefix}_rules", "settings": asdict(lab.s), "ws": W, "guide_ema": ema,
-              "rules": {k: {"name": n, "params": a} for k, (n, a) in RULE_SET.items()},
+              "rules": {k: {"name": n, "params": a} for k, (n, a) in rule_set.items()},
               "mains": [m for m in (main, drop_main) if m],
               "unguided": {k: {"mean": v["mean"], "std": v["std"]} for k, v in none.items()}, "rows": rows,
               "verdicts": verdicts(rows), "seconds": round(time.perf_counter() - lab.t0, 1)}
@@ -159,15 +166,19 @@ def _pm(d: Optional[tuple], digits: int = 2) -> str:
 def render(rec: dict, lab: Lab) -> str:
     s = lab.s
     fd = lab.data.fd_name
-    lines = [f"# Combination rules on {lab.data.noun}: CFG, autoguidance and in-situ with linear, rescale, APG, "
-             "CFG-Zero*", "",
+    short = {"cfg": "CFG", "auto": "autoguidance", "insitu": "in-situ"}
+    rule_names = {"linear": "linear", "rescale": "rescale", "apg": "APG", "cfg-zero": "CFG-Zero*"}
+    methods = [short[m] for m, _ in _present(rec["rows"])]
+    mtext = methods[0] if len(methods) == 1 else f"{', '.join(methods[:-1])} and {methods[-1]}"
+    lines = [f"# Combination rules on {lab.data.noun}: {mtext} with "
+             f"{', '.join(rule_names.get(k, k) for k in rec['rules'])}", "",
              f"N = {s.n} images per seed set, Heun {s.num_steps} steps; w in {rec['ws']} tuned on set {s.tune_set}, "
              f"mean +- std over held-out sets {list(s.eval_sets)}; guide EMA 0.{rec['guide_ema']}. dFD: FD minus "
              "the reference's FD on the same seeds (the unguided main, or the same method with the linear rule), "
              "mean +- std over the held-out sets; negative is better. Usable w: the tuning-set w whose dFD is within "
              "one spread (the held-out std of the best w's dFD) of the best. Recall gain: the largest recall above "
              "CFG's linear curve at matched precision over the w sweep (positive: outside CFG's curve). "
-             f"Rules: {', '.join(r['rule_text'] for r in rec['rows'][:len(RULE_SET)])}.", "",
+             f"Rules: {', '.join(r['rule_text'] for r in rec['rows'][:len(rec['rules'])])}.", "",
              f"| method | rule | best w | {fd} | dFD vs unguided | dFD vs linear | precision | recall | usable w "
              "(count) | recall gain over CFG |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
