@@ -188,12 +188,6 @@ def run_study(lab: Lab, out, st: StudySettings = FULL_STUDY, records: Optional[d
         train_percent=100 * uncond.training_flops() / m.training_flops(), data="training images")
     add("auto", "autoguidance, trained XS at T/16 (the main's data)", _b_auto, _auto_grid(lab, main), "auto",
         float(xs.flops()), train_percent=100 * xs.training_flops() / m.training_flops(), data="training images")
-    snap = records[f"snapshot-{SNAPSHOT_EMAS[0]}"]
-    add("snapshot", "snapshot recipe: the main's own T/16 (free)", _b_auto,
-        lab.grid(main=[main], guide=[str(out / "guides" / f"snapshot-ema{e}") for e in _guide_emas(lab)], w=W),
-        "auto", f_main, train_percent=100 * snap["snapshot"]["fraction_of_main_run"], data="the main's run")
-    add("insitu", "in-situ dropout p = 0.1", _b_insitu, lab.grid(main=[main], p=[0.1], w=W), "insitu",
-        train_percent=0.0, data="-")
     for g in study_guides(st):
         rec = records[g.name]
         folder = out / "guides" / g.name
@@ -201,6 +195,14 @@ def run_study(lab: Lab, out, st: StudySettings = FULL_STUDY, records: Optional[d
             "auto", float(rec["guide"]["flops_per_call"]), group="made",
             train_percent=100 * (rec["budget"].get("spent_fraction_of_main") or 0.0),
             data="training images" if g.data else "data-free", recipe=g.recipe, init=g.init, budget=g.budget)
+    snap = records[f"snapshot-{SNAPSHOT_EMAS[0]}"]
+    add("snapshot", "snapshot recipe: the main's own T/16 (free)", _b_auto,
+        lab.grid(main=[main], guide=[str(out / "guides" / f"snapshot-ema{e}") for e in _guide_emas(lab)], w=W),
+        "auto", f_main, train_percent=100 * snap["snapshot"]["fraction_of_main_run"], data="the main's run")
+    add("insitu", "in-situ dropout p = 0.1", _b_insitu, lab.grid(main=[main], p=[0.1], w=W), "insitu",
+        train_percent=0.0, data="-")
+    order = ["none", "cfg", "auto", "snapshot", "insitu"]    # the table's order; the made guides were evaluated
+    rows.sort(key=lambda r: order.index(r.key) if r.key in order else len(order))   # first (stable among them)
     base = rows[0].result
     auto_gain = paired_delta(next(r for r in rows if r.key == "auto").result, base)
     record = {"experiment": "guides_study", "question": QUESTION, "main": main, "settings": asdict(lab.s),
