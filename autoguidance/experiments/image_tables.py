@@ -811,7 +811,7 @@ NOTES = {
     "guides": "The S main at T guided by snapshots of ONE XS training run (T = {T} iterations), each at its best w "
               "and {guide_ema}; 'guide alone' is that guide sampled without guidance on the same seeds. dFD is "
               "against the unguided main.",
-    "floor": "Real training images drawn like the samples (the same N and held-out seed sets; all {n_train} in one "
+    "floor": "Real training images drawn like the samples (the same N and held-out seed sets; {real_all} in one "
              "row), against the same test split, beside the unguided main and the main table's best CFG and "
              "autoguidance settings{large}. dFD of the model rows is against the unguided main of their group.",
     "late": "In-situ dropout p = 0.1 at a subset of the main's dropout sites (forward order; 'last block' is the "
@@ -831,7 +831,9 @@ def experiment_text(name: str, data: ImageSet = DIGITS) -> tuple[str, str, str]:
              f"extending the N = 300 sets)" if data.floor_large else "")
     guide_ema = ("guide EMA" if data.guides_tune_ema else
                  "the guide EMA length the main table's autoguidance row chose (one EMA: half the cost)")
-    note = NOTES[name].format(T=data.train_iters, n_train=n_train, large=large, guide_ema=guide_ema)
+    real_all = f"all {n_train}" if n_train <= REAL_ALL_MAX else f"{REAL_ALL_MAX} of the {n_train}, drawn once,"
+    note = NOTES[name].format(T=data.train_iters, n_train=n_train, large=large, guide_ema=guide_ema,
+                              real_all=real_all)
     return stem.replace("digits", data.prefix, 1), title.replace("digits", data.noun), note
 
 

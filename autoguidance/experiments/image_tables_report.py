@@ -180,7 +180,8 @@ def verdicts_md(rows: list[Row], fd_name: str, pairs=None) -> str:
             d = paired_delta(ra, rb, f"{p}_fd" if p else "fd")
             if d is not None:
                 cells.append(f"{names.get(p, p)} {d[0]:+.{3 if p else 2}f} +- {d[1]:.{3 if p else 2}f}")
-        lines.append(f"- **{by_key[a].label}** against **{by_key[b].label}**: {verdict(ra, rb)} "
+        la, lb = (by_key[k].label.removeprefix("- ") for k in (a, b))
+        lines.append(f"- **{la}** against **{lb}**: {verdict(ra, rb)} "
                      f"({'; '.join(cells)})")
     return "\n".join(lines) + "\n"
 
