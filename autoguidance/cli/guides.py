@@ -71,7 +71,7 @@ def _run_study(args) -> int:
         from ..experiments.guides_study import study_md
         from ..runs.files import fill_block
 
-        fill_block(args.doc, "study", study_md(record))
+        fill_block(args.doc, "study", study_md(record).split("\n", 1)[1].lstrip("\n"))   # the page has the heading
     print(f"wrote {Path(args.out) / 'guides_study.md'}, .json, .png")
     return 0
 
