@@ -69,9 +69,9 @@ def _run_study(args) -> int:
     record = run_study(lab, args.out, _settings(args))
     if args.doc:
         from ..experiments.guides_study import study_md
-        from ..runs.files import fill_block
+        from ..runs.files import fill_block, markdown_body
 
-        fill_block(args.doc, "study", study_md(record).split("\n", 1)[1].lstrip("\n"))   # the page has the heading
+        fill_block(args.doc, "study", markdown_body(study_md(record)))   # the page has the heading
     print(f"wrote {Path(args.out) / 'guides_study.md'}, .json, .png")
     return 0
 

@@ -3,14 +3,13 @@ cli/digits.py, cli/mnist.py, cli/fashion.py), and the manifest of its checkpoint
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import WEIGHTS_DIR
-from ..runs.files import fill_block, write_json, write_text
+from ..runs.files import fill_block, link_from, markdown_body, write_json, write_text
 from ..experiments.image_tables import EXPERIMENTS, FULL, QUICK, Lab, Settings, experiment_text, run_experiment
 from ..experiments.image_tables_report import Row, costs_md, extra_cols, extra_md, space_prefixes, table_md, verdicts_md
 from ..experiments.image_sets import DIGITS, ImageSet
@@ -43,9 +42,8 @@ def render(out, data: ImageSet = DIGITS, doc=None) -> list[str]:
         write_text(out / f"{stem}.md", md)
         done.append(stem)
         if doc is not None and f"<!-- {name}: start -->" in doc_text:
-            body = md.split("\n", 1)[1].lstrip("\n")   # the page has its own heading
-            link = Path(os.path.relpath(out / f"{stem}.md", Path(doc).parent)).as_posix()
-            fill_block(doc, name, f"From [{stem}.md]({link}) (figures beside it).\n\n{body}")
+            fill_block(doc, name, f"From [{stem}.md]({link_from(doc, out / f'{stem}.md')}) (figures beside it).\n\n"
+                       + markdown_body(md))
         if doc is not None and name == "table" and "<!-- verdicts: start -->" in doc_text and space_prefixes(rows):
             fill_block(doc, "verdicts", verdicts_md(rows, data.fd_name))
     return done
@@ -205,10 +203,10 @@ def _rules_cli(args) -> int:
     md = (Path(args.out) / f"{rec['experiment']}.md").read_text()
     print(md)
     if args.doc:
-        link = Path(os.path.relpath(Path(args.out) / rec["experiment"], Path(args.doc).parent)).as_posix()
+        link = link_from(args.doc, Path(args.out) / rec["experiment"])
         fill_block(args.doc, "rules-study", f"From [{rec['experiment']}.md]({link}.md) (figures: "
                    f"[precision-recall]({link}_pr.png), [FD over w]({link}_sweep.png)).\n\n"
-                   + md.split("\n", 1)[1].lstrip("\n"))
+                   + markdown_body(md))
     print(f"wrote {args.out}/{rec['experiment']}.md, .json, _pr.png, _sweep.png in {rec['seconds']:.0f} s")
     return 0
 

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text", "fill_block"]
+__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text", "fill_block", "markdown_body", "link_from"]
 
 TEMP_PREFIX = ".tmp-"
 
@@ -86,3 +86,13 @@ def fill_block(doc, name: str, text: str) -> None:
     if not block.search(src):
         raise ValueError(f"{doc} has no block <!-- {name}: start --> ... <!-- {name}: end --> to fill")
     write_text(doc, block.sub(lambda m: m.group(1) + text + m.group(2), src))
+
+
+def markdown_body(md: str) -> str:
+    """A generated Markdown page without its first line (its `# title`), for a block of a page with its own heading."""
+    return md.split("\n", 1)[1].lstrip("\n") if "\n" in md else ""
+
+
+def link_from(doc, target) -> str:
+    """The relative link from the page `doc` to the file `target`, with forward slashes."""
+    return Path(os.path.relpath(Path(target), Path(doc).parent)).as_posix()
