@@ -124,19 +124,24 @@ def test_rule_rows_and_the_made_guide_row(weights, tmp_path):
 
     from autoguidance.experiments.image_tables import _b_auto, _b_ruled
 
-    s = replace(TINY, eval_sets=(1,), ws=(2.0,))
+    s = replace(TINY, eval_sets=(1,), ws=(2.0,), guide_emas=("150",))
     data = replace(TINY_SET, table_rules=(("auto", "rescale", {"phi": 0.7}, "autoguidance (XS, T/16)"),))
     w = tmp_path / "w"
     shutil.copytree(weights, w)
+    shutil.copytree(weights / "xs-T16-ema050", w / "xs-T16-ema150")      # the rule row's guide at that EMA
+    # a made guide's folder: its EMA 0.05 in the folder, 0.15 in a subfolder (here both the XS guide's weights)
     shutil.copytree(weights / "xs-T16-ema050", w / "made-guide")
-    (w / "made-guide" / "guide.json").write_text(json.dumps({"recipe": "distill", "budget": {
-        "spent_fraction_of_main": 0.03}}))
+    shutil.copytree(weights / "xs-T16-ema050", w / "made-guide" / "ema150")
+    (w / "made-guide" / "guide.json").write_text(json.dumps({
+        "format": "autoguidance-guide", "recipe": "distill", "budget": {"spent_fraction_of_main": 0.03},
+        "emas": {"0.05": ".", "0.15": "ema150"}, "ema": 0.05}))
     lab = Lab(s, w, progress=False, data=data)
     rec = run_experiment("table", tmp_path / "o", s, methods=["rules", "made-guide"], lab=lab)
     rows = {r["key"]: r for r in rec["rows"]}
     assert set(rows) == {"none", "auto+rescale", "made-guide"}
     assert rows["auto+rescale"]["best"]["rule"] == "rescale" and "rescale" in rows["auto+rescale"]["label"]
     assert rows["made-guide"]["label"].startswith("autoguidance by a made guide (distill, 3.0%")
+    assert rows["made-guide"]["best"]["guide"] == "made-guide/ema150"      # the settings' guide EMA, not the folder's
     # the made guide here is the XS guide itself: the same evaluation as the autoguidance row would give
     same = lab.evaluate("x", _b_auto, {"main": "s-T-ema050", "guide": "xs-T16-ema050", "w": 2.0}, 1)
     assert same["fd"] == pytest.approx(rows["made-guide"]["runs"][0]["fd"], rel=1e-5)

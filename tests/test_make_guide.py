@@ -103,6 +103,19 @@ def test_a_completed_guide_is_returned_and_other_settings_are_refused(run, tmp_p
         ag.make_guide(run["main"], "distill", tmp_path / "g", steps=1, samples=8, init="main", **FAST)
 
 
+def test_a_python_call_records_the_command_that_makes_the_same_guide(run, tmp_path):
+    import shlex
+
+    rec = ag.make_guide(run["main"], "distill", tmp_path / "g", steps=1, samples=8, init="main", **FAST)
+    words = shlex.split(rec["command"])
+    assert words[:2] == ["autoguidance", "make-guide"] and "--init" in words
+    words[words.index("--out") + 1] = str(tmp_path / "h")
+    assert cli(words[1:] + ["--no-progress"]) == 0
+    assert json.loads((tmp_path / "h" / "guide.json").read_text())["settings"] == rec["settings"]
+    a, b = _tensors(tmp_path / "g"), _tensors(tmp_path / "h")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # one process, one thread: same bits
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(run, tmp_path):
     with lock_folder(tmp_path / "g", command="another make-guide"):
         with pytest.raises(FolderLocked, match="in use by another run"):

@@ -67,17 +67,33 @@ _DESCRIPTIONS = {
 
 def write_manifest(folder=None, data: ImageSet = DIGITS) -> int:
     """Add every checkpoint folder of `folder` (default: the image set's weights) to weights/manifest.json as
-    `<prefix>-<subfolder>`, with a description and the command that made it."""
+    `<prefix>-<subfolder>` (a made guide's other EMAs as `<prefix>-<guide>-<ema subfolder>`), with a description and
+    the command that made it."""
+    from ..guidemaker import read_record
+
     folder = Path(folder) if folder is not None else data.weights
     what = {"digits": "digits 8x8", "mnist": "MNIST 14x14", "fashion": "Fashion-MNIST 28x28"}.get(data.prefix, data.noun)
     manifest_path = WEIGHTS_DIR / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"checkpoints": {}}
     count = 0
-    for cfg_file in sorted(folder.glob("*/config.json")):
+    made = [f for f in sorted(folder.glob("*/*/config.json")) if read_record(f.parent.parent) is not None]
+    for cfg_file in sorted(folder.glob("*/config.json")) + made:
         cfg_json = json.loads(cfg_file.read_text())
-        sub = cfg_file.parent.name
+        sub = str(cfg_file.parent.relative_to(folder)).replace("/", "-")
         meta = cfg_json.get("meta", {})
-        if cfg_json["family"] == "digits-features":
+        gdir = cfg_file.parent if read_record(cfg_file.parent) is not None else cfg_file.parent.parent
+        guide = read_record(gdir) if gdir != folder else None
+        if guide is not None:                  # a made guide (autoguidance make-guide), at one of its EMAs
+            ema = next(float(std) for std, d in guide["emas"].items()
+                       if (gdir / d).resolve() == cfg_file.parent.resolve())
+            b = guide["budget"]
+            init = (guide.get("recipe_notes") or {}).get("init")
+            desc = (f"{what} guide made by `make-guide --recipe {guide['recipe']}{' --init ' + init if init else ''}` "
+                    "from the shipped main "
+                    f"({'data-free' if guide['settings']['data'] is None else 'with the training images'}, "
+                    f"{b['spent_fraction_of_main']:.1%} of its training FLOPs); EMA std {ema:g}")
+            meta = {"command": guide.get("shipped_command", guide.get("command", ""))}
+        elif cfg_json["family"] == "digits-features":
             desc = (f"{data.noun} feature network (CNN classifier; test accuracy "
                     f"{meta.get('test_accuracy', 0):.3f})")
         elif cfg_json["family"] == "contrastive-encoder":

@@ -139,14 +139,10 @@ def make_study_guides(out, st: StudySettings = FULL_STUDY, weights=None, progres
 # -- evaluation ------------------------------------------------------------------------------------------------------
 
 def _ema_names(folder: Path, rec: dict, emas: tuple) -> list[str]:
-    """The guide's checkpoints at the EMA lengths `emas` ('050', '150': relative std x 1000): the folder itself for its
-    `ema`, a subfolder for the others."""
-    have = {round(float(std) * 1000): sub for std, sub in (rec.get("emas") or {}).items()}
-    missing = [e for e in emas if int(e) not in have]
-    if missing:
-        raise ValueError(f"guide {folder} has no EMA of relative std {', '.join(missing)} / 1000 "
-                         f"(it has {sorted(have)}): make it with --ema-stds including them")
-    return [str(folder if have[int(e)] == "." else folder / have[int(e)]) for e in emas]
+    """The guide's checkpoints at the EMA lengths `emas` ('050', '150': relative std x 1000)."""
+    from ..guidemaker import ema_folder
+
+    return [str(ema_folder(folder, int(e) / 1000, rec)) for e in emas]
 
 
 def _guide_emas(lab: Lab) -> tuple:

@@ -543,9 +543,13 @@ def run_table(lab: Lab, methods: Optional[list[str]] = None) -> list[Row]:
             [dict(p, method=method, rule=rule, rule_args=args) for p in base], "-", force=want("rules"))
     made = lab.weights / "made-guide"
     if want("made-guide") and (made / "guide.json").exists():
-        rec = json.loads((made / "guide.json").read_text())
+        from ..guidemaker import ema_folder, read_record
+
+        rec = read_record(made)
+        emas = lab.s.guide_emas or (str(round(1000 * rec["ema"])).zfill(3),)   # the settings' guide EMAs, if shipped
+        guides = [str(ema_folder(made, int(e) / 1000, rec).relative_to(lab.weights)) for e in emas]
         add("made-guide", f"autoguidance by a made guide ({rec['recipe']}, {rec['budget']['spent_fraction_of_main']:.1%} "
-            "of the main's training FLOPs)", _b_auto, lab.grid(main=[main], guide=["made-guide"], w=W), "-")
+            "of the main's training FLOPs)", _b_auto, lab.grid(main=[main], guide=guides, w=W), "-")
     if want("dropout-main"):
         drop_main, _ = choose_main(lab, "s-dropout-T")
         rows.append(Row("none-dropout", "S trained with dropout 0.1, no guidance",

@@ -17,9 +17,9 @@
 """
 from . import compat  # noqa: F401  (registers the guide check with the core)
 from .budget import Budget, count_flops
-from .make import GuideOptions, make_guide, read_record
+from .make import GuideOptions, ema_folder, make_guide, read_record
 from .recipes import RECIPES
 from .reduce import init_from_main, reduce_config
 
-__all__ = ["make_guide", "GuideOptions", "read_record", "RECIPES", "Budget", "count_flops", "reduce_config",
+__all__ = ["make_guide", "GuideOptions", "read_record", "ema_folder", "RECIPES", "Budget", "count_flops", "reduce_config",
            "init_from_main"]

@@ -43,7 +43,7 @@ from .mains import EDM2Main, Main
 from .mains_diffusers import DiffusersMain
 from .recipes import get_recipe
 
-__all__ = ["GuideOptions", "make_guide", "open_main", "RECORD_FORMAT", "read_record"]
+__all__ = ["GuideOptions", "make_guide", "open_main", "RECORD_FORMAT", "read_record", "ema_folder"]
 
 RECORD_FORMAT = "autoguidance-guide"
 
@@ -123,6 +123,22 @@ def read_record(out) -> Optional[dict]:
     return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
 
 
+def ema_folder(folder, ema_std: float, rec: Optional[dict] = None) -> Path:
+    """The checkpoint folder of a made guide's EMA of relative std `ema_std` (the guide's folder itself for the EMA
+    it was written at, a subfolder for the others); ValueError naming the EMAs it has when it lacks that one."""
+    folder = Path(folder)
+    rec = rec if rec is not None else read_record(folder)
+    if rec is None:
+        raise ValueError(f"{folder} is not a made guide (no guide.json): make it with `autoguidance make-guide`")
+    have = {round(float(std) * 1000): sub for std, sub in (rec.get("emas") or {}).items()}
+    key = round(float(ema_std) * 1000)
+    if key not in have:
+        raise ValueError(f"guide {folder} has no EMA of relative std {ema_std:g} (it has "
+                         f"{', '.join(f'{k / 1000:g}' for k in sorted(have)) or 'none'}): make it with --ema-stds "
+                         f"including it")
+    return folder if have[key] == "." else folder / have[key]
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     h.update(path.read_bytes())
@@ -186,6 +202,7 @@ def make_guide(main: str, recipe: str, out, *,
         options_id["snapshot"] = digest(opts.snapshot)
     settings = {"main": m.digest, "options": options_id, "data": _data_identity(opts.data),
                 "prompts": _file_digest(Path(opts.prompts)) if opts.prompts else None}
+    command = command or equivalent_command(main, opts, out)
     with lock_run(out, command):
         if dist.is_main():
             clean_temp(out)
@@ -209,10 +226,37 @@ def make_guide(main: str, recipe: str, out, *,
     return record
 
 
+#: GuideOptions fields and their make-guide flags (the equivalent command of a Python call)
+_FLAGS = {"data": "--data", "prompts": "--prompts", "snapshot": "--from", "init": "--init", "width": "--width",
+          "depth": "--depth", "batch": "--batch", "lr": "--lr", "weight_decay": "--weight-decay",
+          "ema_stds": "--ema-stds", "ema": "--ema", "samples": "--samples", "sample_steps": "--sample-steps",
+          "main_flops": "--main-flops", "noise": "--noise", "t_dist": "--t-dist", "subfolder": "--subfolder",
+          "seed": "--seed", "state_every": "--state-every"}
+
+
+def equivalent_command(main: str, opts: GuideOptions, out) -> str:
+    """The `autoguidance make-guide` command line that makes the same guide as a Python call with `opts` (every
+    option that differs from the command's default)."""
+    import shlex
+
+    defaults = GuideOptions(recipe=opts.recipe)                            # the command's defaults are these
+    words = ["autoguidance", "make-guide", "--main", str(main), "--recipe", opts.recipe, "--out", str(out)]
+    if opts.budget is not None:
+        words += (["--budget", f"{opts.budget.fraction:g}"] if opts.budget.fraction is not None
+                  else ["--steps", str(opts.budget.steps)])
+    for field, flag in _FLAGS.items():
+        v = getattr(opts, field)
+        if v == getattr(defaults, field):
+            continue
+        words += [flag, ",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float)
+                  else str(v)]
+    return shlex.join(words)
+
+
 def _base_record(m, opts, settings, command) -> dict:
     return {"format": RECORD_FORMAT, "version": 1, "status": "running", "recipe": opts.recipe,
             "settings": json.loads(json.dumps(settings)), "main": m.describe(), "made_for": m.signature(),
-            "command": command or "autoguidance.make_guide(...)", "library_version": __version__,
+            "command": command, "library_version": __version__,
             "torch_version": torch.__version__, "world_size": dist.world_size()}
 
 
