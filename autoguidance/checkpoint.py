@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from .nets import FAMILIES as _BUILTIN_FAMILIES
-from .runs.files import atomic_path, current_umask, write_json
+from .runs.files import atomic_path, current_umask, file_sha256, write_json
 
-__all__ = ["save", "save_into", "load", "is_diffusers_folder", "load_config", "shipped", "register_family", "digest", "file_sha256", "add_checksum",
+__all__ = ["save", "save_into", "load", "is_diffusers_folder", "load_config", "shipped", "register_family", "digest", "add_checksum",
            "WEIGHTS_DIR", "CheckpointError"]
 
 FORMAT = "autoguidance-checkpoint"
@@ -66,15 +66,6 @@ def _resolve(name_or_path) -> Path:
     raise FileNotFoundError(f"no checkpoint {str(name_or_path)!r}: not a folder, nor a shipped name.{hint} "
                             f"Shipped: {', '.join(sorted(names)) or '(none)'}. A checkpoint folder holds "
                             "model.safetensors and config.json.")
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _DIGESTS: dict = {}

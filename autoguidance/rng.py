@@ -376,18 +376,10 @@ class _NoiseState:
 _STATE: contextvars.ContextVar[Optional[_NoiseState]] = contextvars.ContextVar("autoguidance_noise", default=None)
 
 
-class noise_context:
-    """Declare, for denoiser calls inside the block, the image seed of each row and the call index. A sampler may
-    also declare its run (`SamplingRun`: caches that live for the run) and the sigma tensor it passes (which it
-    has checked: finite and > 0). Use as `with noise_context(seeds, call): ...`."""
+class _StateContext:
+    """Set `self.state` as the noise state of the block (the one enter/exit of both contexts below)."""
 
     __slots__ = ("state", "token")
-
-    def __init__(self, seeds: torch.Tensor, call: int, run: Optional[SamplingRun] = None, sigma=None):
-        if not (type(seeds) is torch.Tensor and seeds.dtype == torch.int64 and seeds.ndim == 1):
-            seeds = as_seeds(seeds)
-        self.state = _NoiseState(seeds, int(call), run, sigma)
-        self.token = None
 
     def __enter__(self) -> None:
         self.token = _STATE.set(self.state)
@@ -395,6 +387,20 @@ class noise_context:
     def __exit__(self, *exc) -> bool:
         _STATE.reset(self.token)
         return False
+
+
+class noise_context(_StateContext):
+    """Declare, for denoiser calls inside the block, the image seed of each row and the call index. A sampler may
+    also declare its run (`SamplingRun`: caches that live for the run) and the sigma tensor it passes (which it
+    has checked: finite and > 0). Use as `with noise_context(seeds, call): ...`."""
+
+    __slots__ = ()
+
+    def __init__(self, seeds: torch.Tensor, call: int, run: Optional[SamplingRun] = None, sigma=None):
+        if not (type(seeds) is torch.Tensor and seeds.dtype == torch.int64 and seeds.ndim == 1):
+            seeds = as_seeds(seeds)
+        self.state = _NoiseState(seeds, int(call), run, sigma)
+        self.token = None
 
 
 def current_state() -> Optional[_NoiseState]:
@@ -435,14 +441,14 @@ class _RowsState(_NoiseState):
         return self._seeds
 
 
-class rows_context:
+class rows_context(_StateContext):
     """The noise context of a call made on rows of the current batch of `n` rows: row r of the call is row
     `rows[r]` of the batch, or (no `rows`) the batch repeated `repeat` times, cut to `chunk`. A denoiser called
     inside it (a guided denoiser inside another's batched call) sees each row's own image seed and call index,
     so its `current_keys` are `current_keys(n)` of the rows it got: per image, whatever batch they share. Outside
     a matching context, the row index stands for the seed (call -1), as `current_keys` reads it."""
 
-    __slots__ = ("state", "token")
+    __slots__ = ()
 
     def __init__(self, n: int, rows: Optional[torch.Tensor] = None, repeat: int = 1, chunk: Optional[slice] = None):
         state = _STATE.get()
@@ -451,10 +457,3 @@ class rows_context:
         else:
             self.state = _RowsState(torch.arange(n, dtype=torch.int64), -1, None, rows, repeat, chunk)
         self.token = None
-
-    def __enter__(self) -> None:
-        self.token = _STATE.set(self.state)
-
-    def __exit__(self, *exc) -> bool:
-        _STATE.reset(self.token)
-        return False

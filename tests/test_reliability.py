@@ -237,7 +237,8 @@ def test_a_flipped_bit_in_checkpoint_tensors_is_refused(tmp_path):
 
 
 def test_shipped_checkpoints_carry_their_checksum():
-    from autoguidance.checkpoint import WEIGHTS_DIR, file_sha256
+    from autoguidance.checkpoint import WEIGHTS_DIR
+    from autoguidance.runs.files import file_sha256
 
     for name, rec in shipped().items():
         folder = WEIGHTS_DIR / rec["path"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..runs import dist
-from ..runs.files import clean_temp, write_json
+from ..runs.files import clean_temp, file_sha256, write_json
 from ..runs.lock import lock_run
 from ..runs.record import check_out, check_resume, command_line, identity_of, run_record
 from ..runs.shards import pixels_digest, png_holds, read_png, write_png
@@ -112,10 +112,6 @@ def _folder_digest(folder: Path) -> str:
         if p.is_file() and not p.name.startswith("."):
             h.update(f"{p.relative_to(folder)}:{p.stat().st_size}\n".encode())
     return h.hexdigest()
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _grid(images: list) -> np.ndarray:
@@ -299,7 +295,7 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                 return False
             if "pixels" in rec:                          # it decodes to the image made for this seed
                 return png_holds(png, rec["pixels"])
-            return png.exists() and rec.get("sha256") == _sha(png) and read_png(png) is not None   # older record
+            return png.exists() and rec.get("sha256") == file_sha256(png) and read_png(png) is not None   # older record
 
         todo = [s for s in mine if not done(s)]
         skipped = len(mine) - len(todo)
@@ -324,7 +320,7 @@ def pipeline_to_folder(folder, out, seeds: Sequence[int], *,
                         png = out / "png" / f"{s:06d}.png"
                         pixels = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
                         write_png(png, pixels)
-                        mine_index[str(s)] = {"identity": identity, "sha256": _sha(png),
+                        mine_index[str(s)] = {"identity": identity, "sha256": file_sha256(png),
                                               "pixels": pixels_digest(pixels)}
                     if world == 1:
                         index.update(mine_index)

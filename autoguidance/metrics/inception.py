@@ -20,7 +20,6 @@ Two input conventions, both from uint8-valued images `[N, 3, H, W]` as floats in
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Union
 
@@ -28,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runs.files import file_sha256
 from .weights import read_state_dict, state_mismatch
 
 __all__ = ["FIDInceptionV3", "preprocess", "resize_tf1", "load_fid_inception", "check_inception_state",
-           "CONVENTIONS", "OFFICIAL_FILE", "OFFICIAL_SHA256_PREFIX", "WHERE", "sha256_file"]
+           "CONVENTIONS", "OFFICIAL_FILE", "OFFICIAL_SHA256_PREFIX", "WHERE"]
 
 CONVENTIONS = ("nvlabs", "pytorch-fid")
 OFFICIAL_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -40,15 +40,6 @@ OFFICIAL_FILE = "pt_inception-2015-12-05-6726825d.pth"
 OFFICIAL_SHA256_PREFIX = "6726825d"
 WHERE = ("github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + OFFICIAL_FILE +
          " (the same file as torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Conv(nn.Module):
@@ -239,7 +230,7 @@ def load_fid_inception(path: Union[str, Path], *, official_only: bool = True, de
         raise FileNotFoundError(f"{flag} {path}: no such file. FID needs {OFFICIAL_FILE} (SHA-256 begins "
                                 f"{OFFICIAL_SHA256_PREFIX}) from {WHERE}; autoguidance never downloads weights")
     if official_only:
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if not digest.startswith(OFFICIAL_SHA256_PREFIX):
             raise ValueError(f"{flag} {path} is not {OFFICIAL_FILE}: its SHA-256 is {digest[:16]}..., the official "
                              f"file's begins {OFFICIAL_SHA256_PREFIX}; get it from {WHERE}")

@@ -5,6 +5,7 @@ for writers that need it) and renamed into place. A data glob (`*.npz`, `*.png`)
 matches it, readers skip hidden entries, and `clean_temp` removes what a killed process left behind."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,17 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text", "fill_block", "markdown_body", "link_from"]
+__all__ = ["file_sha256", "atomic_path", "clean_temp", "is_hidden", "current_umask", "write_json", "write_text", "fill_block", "markdown_body", "link_from"]
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks): the one file hash of the package (checkpoints, the
+    Inception weights, a pipeline run's images)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 TEMP_PREFIX = ".tmp-"
 
