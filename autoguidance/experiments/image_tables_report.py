@@ -300,17 +300,14 @@ def plot_grids(images: dict[str, torch.Tensor], rows: list[Row], path: Path) -> 
 
 
 def forward_flops(config: dict) -> int:
-    """FLOPs of one forward pass of `EDM2Precond(**config)` on one image (torch's FLOP counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one forward pass of `EDM2Precond(**config)` on one image (the make-guide budget's counter)."""
+    from ..guidemaker.budget import count_flops
     from ..nets.edm2 import EDM2Precond
 
     net = EDM2Precond(**config).eval()
     x = torch.zeros(1, config["img_channels"], config["img_resolution"], config["img_resolution"])
     labels = torch.zeros(1, config["label_dim"]) if config["label_dim"] else None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x, torch.ones(1), labels)
-    return int(counter.get_total_flops())
+    return count_flops(lambda: net(x, torch.ones(1), labels))
 
 
 def training_costs(weights) -> dict[str, dict]:
