@@ -269,11 +269,13 @@ def plot_study(record: dict, path: Path) -> None:
         ax.errorbar(x, m, yerr=s, marker="o" if data == "data-free" else "s", ms=4, capsize=2,
                     ls="-" if data == "data-free" else "--",
                     label=f"{recipe}{' (' + init + ')' if init else ''}, {data}")
-    for r in record["rows"]:
-        if r.get("group") == "reference" and r.get("dfd"):
-            ax.axhline(r["dfd"][0], color="k", lw=0.8, ls=":")
-            ax.annotate(r["label"], (ax.get_xlim()[0] if ax.lines else 0.01, r["dfd"][0]), fontsize=6, va="bottom")
     ax.set_xscale("log")
+    refs = sorted((r for r in record["rows"] if r.get("group") == "reference" and r.get("dfd")),
+                  key=lambda r: r["dfd"][0])
+    for i, r in enumerate(refs):            # labelled beside the axes (x in axes units, y in dFD)
+        ax.axhline(r["dfd"][0], color="k", lw=0.8, ls=":")
+        ax.text(1.01, r["dfd"][0], f"{r['label']} ({r['dfd'][0]:+.2f})", transform=ax.get_yaxis_transform(),
+                fontsize=6, va="top" if i % 2 == 0 else "bottom")
     ax.set_xlabel("training cost of the guide (% of the main's training FLOPs)")
     ax.set_ylabel("dFD_mnist vs no guidance (held-out, matched seeds)")
     ax.set_title(QUESTION, fontsize=8)
